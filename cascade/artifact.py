@@ -1,0 +1,117 @@
+"""The versioned policy artifact: policy.json (everything but weights) + weights.safetensors.
+
+No pickle: JSON and safetensors only, so a worker can load a policy it did not write safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cascade.errors import PolicyArtifactError
+from cascade.features import StateFeaturizer
+from cascade.policy import OperatingPoint
+from cascade.predictor import QualityMLP, StatePredictor, TrainConfig
+
+FORMAT = "cascade-policy"
+FORMAT_VERSION = 1
+
+
+def _key(state) -> str:
+    return "s" + "-".join(map(str, state))
+
+
+def _state(key: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in key[1:].split("-") if t)
+
+
+def save_policy(policy, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    predictors = {}
+    for state, pred in policy.predictors.items():
+        for f, model in enumerate(pred.models):
+            for name, value in model.state_dict().items():
+                tensors[f"{_key(state)}.f{f}.{name}"] = value.contiguous()
+        predictors[_key(state)] = {"folds": len(pred.models), "platt": pred.platt.tolist(),
+                                   "n_in": pred.models[0].net[0].in_features}
+    save_file(tensors, str(out / "weights.safetensors"))
+    digest = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
+    doc = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "n_tiers": policy.n_tiers, "models": policy.models, "schema": policy.schema,
+        "cost_unit": policy.cost_unit, "quality_offset": policy.quality_offset,
+        "quality_span": policy.quality_span, "best_tier": policy.best_tier,
+        "train_config": asdict(policy.train_config), "featurizer": policy.featurizer.to_json(),
+        "predictors": predictors, "weights_sha256": digest,
+        "default_point": policy.default_label,
+        "points": [{"label": p.label, "lambda_normalised": p.lam,
+                    "lambda": p.lam / policy.cost_unit, "cal_cost": p.cal_cost,
+                    "cal_quality": p.cal_quality,
+                    "betas": {_key(s): {str(j): b.tolist() for j, b in bs.items()}
+                              for s, bs in p.betas.items()}} for p in policy.points],
+        "calibration": _jsonable(policy.calibration),
+    }
+    doc["version"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+    (out / "policy.json").write_text(json.dumps(doc, indent=1))
+    return out
+
+
+def load_policy(path: str | Path):
+    from cascade.runtime import Policy
+
+    path = Path(path)
+    meta, weights = path / "policy.json", path / "weights.safetensors"
+    if not meta.exists() or not weights.exists():
+        raise PolicyArtifactError(f"{path}: not a policy directory (needs policy.json and "
+                                  f"weights.safetensors; write one with `cascade calibrate`)")
+    doc = json.loads(meta.read_text())
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        raise PolicyArtifactError(f"{meta}: format {doc.get('format')!r} version "
+                                  f"{doc.get('format_version')!r}; this build reads {FORMAT} v{FORMAT_VERSION}")
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != doc["weights_sha256"]:
+        raise PolicyArtifactError(f"{weights}: checksum does not match policy.json")
+    tensors = load_file(str(weights))
+    cfg = TrainConfig(**doc["train_config"])
+    predictors = {}
+    for key, info in doc["predictors"].items():
+        models = []
+        for f in range(info["folds"]):
+            model = QualityMLP(info["n_in"], doc["n_tiers"], cfg.hidden)
+            prefix = f"{key}.f{f}."
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                   if k.startswith(prefix)})
+            model.eval()
+            models.append(model)
+        predictors[_state(key)] = StatePredictor(models, np.asarray(info["platt"]))
+    points = [OperatingPoint(lam=p["lambda_normalised"], label=p["label"], cal_cost=p["cal_cost"],
+                             cal_quality=p["cal_quality"],
+                             betas={_state(s): {int(j): np.asarray(b) for j, b in bs.items()}
+                                    for s, bs in p["betas"].items()}) for p in doc["points"]]
+    return Policy(n_tiers=doc["n_tiers"], models=doc["models"], schema=doc["schema"],
+                  featurizer=StateFeaturizer.from_json(doc["featurizer"]), predictors=predictors,
+                  points=points, default_label=doc["default_point"], cost_unit=doc["cost_unit"],
+                  quality_offset=doc["quality_offset"], quality_span=doc["quality_span"],
+                  best_tier=doc["best_tier"], train_config=cfg, calibration=doc["calibration"],
+                  version=doc["version"])
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
