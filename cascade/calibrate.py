@@ -52,8 +52,12 @@ def quality_scale(quality: np.ndarray) -> tuple[float, float]:
 
 
 def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget | None = None,
-               lambdas: np.ndarray = LAMBDA_GRID, log=lambda msg: None):
-    """Calibrate on a complete ladder (quality and cost at every tier). Returns (Policy, report)."""
+               lambdas: np.ndarray = LAMBDA_GRID, user_lambdas=None, log=lambda msg: None):
+    """Calibrate on a complete ladder (quality and cost at every tier). Returns (Policy, report).
+
+    `lambdas` are in normalised cost units (best tier's mean cost = 1); `user_lambdas`, if given,
+    replace them with lambdas in the log's own cost units and skip the grid refinement.
+    """
     from cascade.runtime import Policy
 
     if ladder.quality is None or ladder.cost is None:
@@ -91,7 +95,10 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     def solve(lam):
         return backward_induction(q_by_state, plen, quality, cost, lam, projectors)
 
-    results = _refine([solve(lam) for lam in lambdas], solve, extra=2 * REPLAY_POINTS)
+    if user_lambdas is not None:
+        results = [solve(float(lam) * cost_unit) for lam in user_lambdas]
+    else:
+        results = _refine([solve(lam) for lam in lambdas], solve, extra=2 * REPLAY_POINTS)
     log(f"dynamic programme for {len(lambdas)} lambdas: {time.perf_counter() - t0:.1f}s")
 
     points = _spread(results, REPLAY_POINTS)
@@ -103,6 +110,8 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         budget_choice = choose_budget(results, quality, cost, best, budget.kind, budget.target,
                                       budget.confidence)
         default = next(r for r in results if r.point.lam == budget_choice.lam)
+    elif user_lambdas is not None:
+        default = results[0]
     else:
         # without a budget: the cheapest point keeping 99% of the best tier's quality at 95%
         default_choice = choose_budget(results, quality, cost, best, "quality", 0.99, 0.95)

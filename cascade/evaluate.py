@@ -1,0 +1,200 @@
+"""`cascade eval`: the policy against its baselines on held-out rows of a logged ladder.
+
+Rows are split 30% calibration / 70% test by a hash of row_id. The policy is calibrated on the
+first part only and replayed causally on the second; every number below is measured on the test
+rows, which neither the predictors nor the dynamic programme saw.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cascade.baselines import FrugalGPT, random_mix
+from cascade.calibrate import fit_policy
+from cascade.frontier import area, cost_at_quality, oracle_hull, upper_hull, value_at
+from cascade.ladder import Ladder
+from cascade.runtime import replay
+from cascade.stats import bonferroni, compare
+
+
+def split(ladder: Ladder, calibration_share: float = 0.3) -> tuple[Ladder, Ladder]:
+    h = np.array([zlib.crc32(str(r).encode()) % 1000 for r in ladder.row_ids])
+    cal = h < int(round(calibration_share * 1000))
+    return ladder.subset(cal), ladder.subset(~cal)
+
+
+def per_row(decisions: pd.DataFrame, test: Ladder) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """point label -> per-row (cost of the tiers run, quality of the kept answer) on test rows."""
+    index = {r: i for i, r in enumerate(test.row_ids.astype(str))}
+    out = {}
+    for label, g in decisions.groupby("point", sort=False):
+        rows = g["row_id"].map(index).to_numpy()
+        cost = np.array([test.cost[list(tr), i].sum() for tr, i in zip(g["tiers_run"], rows)])
+        out[label] = (cost, test.quality[g["final_tier"].to_numpy(), rows])
+    return out
+
+
+@dataclass
+class EvalResult:
+    summary: dict
+    frontier: pd.DataFrame
+    lambdas: pd.DataFrame
+    significance: pd.DataFrame
+    selection: pd.DataFrame
+
+
+def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
+             online: bool = False, max_t: int = 100_000, log=lambda m: None) -> EvalResult:
+    rng = np.random.default_rng(seed)
+    cal, test = split(ladder, calibration_share)
+    policy, report = fit_policy(cal, log=log)
+    decisions = replay(policy, test.without_labels())
+    results = per_row(decisions, test)
+    n = ladder.n_tiers
+    mc, mq = test.cost.mean(1), test.quality.mean(1)
+    best = int(np.lexsort((mc, -mq))[0])
+    lo, hi = float(mc.min()), float(mc[best])
+
+    frugal = FrugalGPT(n).fit(cal)
+    frugal_rows = frugal.evaluate(test)
+    points = {
+        "policy": [(c.mean(), q.mean()) for c, q in results.values()],
+        "fixed": list(zip(mc, mq)),
+        "frugalgpt": [(c.mean(), q.mean()) for c, q in frugal_rows],
+    }
+    hulls = {k: upper_hull(*zip(*v)) for k, v in points.items()}
+    hulls["oracle"] = oracle_hull(test.quality, test.cost)
+    areas = {k: area(h, lo, hi) for k, h in hulls.items()}
+    gain = ((areas["policy"] - areas["fixed"]) / (areas["oracle"] - areas["fixed"])
+            if areas["oracle"] > areas["fixed"] else float("nan"))
+    target = 0.99 * mq[best]
+    cost99 = {k: cost_at_quality(h, target) / mc[best] for k, h in hulls.items()}
+
+    frontier = pd.DataFrame(
+        [{"method": k, "cost": c, "quality": q, "on_hull": bool(np.any(
+            np.all(np.isclose(hulls[k], (c, q)), axis=1)))} for k, v in points.items() for c, q in v]
+        + [{"method": "oracle", "cost": c, "quality": q, "on_hull": True} for c, q in hulls["oracle"]])
+
+    lam_rows = []
+    for p in policy.points:
+        c, q = results[p.label]
+        lam_rows.append({"point": p.label, "lambda": p.lam / policy.cost_unit,
+                         "mean_cost": float(c.mean()), "mean_quality": float(q.mean()),
+                         "cost_saving_vs_best": float(1 - c.mean() / mc[best]),
+                         "speedup_vs_best": float(mc[best] / c.mean()) if c.mean() > 0 else float("inf"),
+                         "default": p.label == policy.default_label})
+    lambdas = pd.DataFrame(lam_rows)
+
+    pc, pq = results[policy.default_label]
+    sig = []
+    for t in range(n):
+        sig.append({"baseline": f"fixed tier {t} ({ladder.models[t]})"}
+                   | compare(pq, pc, test.quality[t], test.cost[t], rng))
+    mix_c, mix_q = random_mix(test, float(pc.mean()), rng)
+    sig.append({"baseline": "random mix of fixed tiers at matched cost"} | compare(pq, pc, mix_q, mix_c, rng))
+    if frugal_rows:
+        fc, fq = min(frugal_rows, key=lambda cq: abs(cq[0].mean() - pc.mean()))
+        sig.append({"baseline": "FrugalGPT-style cascade at matched cost"} | compare(pq, pc, fq, fc, rng))
+    significance = pd.DataFrame(bonferroni(sig))
+
+    sel = []
+    for p in policy.points:
+        g = decisions[decisions.point == p.label]
+        for t in range(n):
+            sel.append({"point": p.label, "tier": t, "model": ladder.models[t],
+                        "answered_share": float((g.final_tier == t).mean()),
+                        "ran_share": float(g.tiers_run.map(lambda tr: t in tr).mean()),
+                        "default": p.label == policy.default_label})
+    selection = pd.DataFrame(sel)
+
+    summary = {
+        "rows": {"calibration": len(cal), "test": len(test)}, "tiers": [
+            {"tier": t, "model": ladder.models[t], "mean_cost": float(mc[t]), "mean_quality": float(mq[t])}
+            for t in range(n)],
+        "best_tier": best, "default_point": policy.default_label,
+        "default_point_test": {"cost": float(pc.mean()), "quality": float(pq.mean()),
+                               "cost_vs_best": float(pc.mean() / mc[best]),
+                               "quality_vs_best": float(pq.mean() / mq[best])},
+        "area": areas, "gain": gain, "cost_at_99pct_of_best_quality": cost99,
+        "calibration_seconds": report.seconds,
+        "predictor_metrics": report.predictor_metrics,
+    }
+    if online:
+        from cascade.online import online_regret
+
+        summary["online"] = online_regret(test, policy.point().lam / policy.cost_unit,
+                                          max_t=max_t, seed=seed, log=log)
+    return EvalResult(summary, frontier, lambdas, significance, selection)
+
+
+def write(result: EvalResult, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("frontier", "lambdas", "significance", "selection"):
+        getattr(result, name).to_parquet(out / f"{name}.parquet", index=False)
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=1, default=float))
+    (out / "summary.md").write_text(markdown(result))
+    return out
+
+
+def _fmt(x, digits=3):
+    if isinstance(x, float):
+        return "inf" if np.isinf(x) else f"{x:.{digits}g}" if abs(x) < 1e-2 and x != 0 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(frame: pd.DataFrame, cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame[cols].iterrows():
+        lines.append("| " + " | ".join(_fmt(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def markdown(res: EvalResult) -> str:
+    s = res.summary
+    c99 = s["cost_at_99pct_of_best_quality"]
+    tiers = pd.DataFrame(s["tiers"])
+    d = s["default_point_test"]
+    parts = [
+        "# Policy evaluation on held-out rows",
+        f"Calibration rows: {s['rows']['calibration']}, test rows: {s['rows']['test']} "
+        "(split by a hash of row_id). Every figure below is measured on the test rows.",
+        "## Tiers", _table(tiers, ["tier", "model", "mean_cost", "mean_quality"]),
+        "## Frontier",
+        f"Gain = (area under the policy frontier - area under the fixed tiers' convex hull) / "
+        f"(oracle area - fixed area), over cost from the cheapest tier to the best tier: "
+        f"**{_fmt(s['gain'])}**.",
+        "Cost to reach 99% of the best tier's quality, as a fraction of the best tier's cost: "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in c99.items()) + ".",
+        f"Default operating point ({s['default_point']}): cost {_fmt(d['cost_vs_best'])} of the best "
+        f"tier at {_fmt(d['quality_vs_best'])} of its quality.",
+        "## Lambda sweep (paper Table 2, measured)",
+        _table(res.lambdas, ["lambda", "mean_cost", "mean_quality", "cost_saving_vs_best",
+                             "speedup_vs_best"]),
+        "## Significance at the default point (paper Table 3, measured)",
+        "Quality: exact McNemar test on paired per-row outcomes (paired bootstrap for non-binary "
+        "quality); cost: paired t-test; d: Cohen's d of the paired differences; p-values "
+        f"Bonferroni-corrected across the {len(res.significance)} baselines.",
+        _table(res.significance, ["baseline", "quality_diff", "quality_p_bonferroni", "quality_d",
+                                  "cost_reduction", "cost_p_bonferroni", "cost_d"]),
+        "## Selection distribution at the default point (paper Figure 1)",
+        _table(res.selection[res.selection["default"]], ["tier", "model", "answered_share", "ran_share"]),
+    ]
+    if "online" in s:
+        o = s["online"]
+        parts += [
+            "## Online learning regret (paper Table 1, measured)",
+            f"Rows streamed with replacement from the test rows; audit share {o['audit_share']:.0%} "
+            f"after a {o['warmup_rows']}-row warm-up; lambda {_fmt(o['lambda'])}; regret against the "
+            "best static policy in hindsight (calibrated on all test rows). Fitted log-log slope "
+            f"of regret against T: **{_fmt(o['loglog_slope'])}** (1 = linear, 0.5 = sqrt T). "
+            "The paper claims O(sqrt(T) log T) while its own Table 1 grows about 10x per 10x in T.",
+            _table(pd.DataFrame(o["table"]), ["T", "regret", "mean_regret_per_row"]),
+        ]
+    return "\n\n".join(parts) + "\n"
