@@ -120,8 +120,8 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         default.point.cal_cost = float(default.cost.mean() * cost_unit)
         default.point.cal_quality = float(default.quality.mean() * q_span + q_lo)
         points = sorted(points + [default], key=lambda r: r.cost.mean())
-    for res in points:
-        res.point.label = f"lambda={res.point.lam / cost_unit:.6g}"
+    for k, res in enumerate(points):     # cheapest first; the index keeps labels unique
+        res.point.label = f"p{k:02d} lambda={res.point.lam / cost_unit:.6g}"
 
     policy = Policy(
         n_tiers=n, models=ladder.models, schema={"prompt_text": list(ladder.prompt_text),

@@ -33,12 +33,13 @@ _ANSWER_PATTERNS = [
     re.compile(r"answer\s*(?:is|:)\s*:?\s*\**\s*([^\n]{1,40}?)\s*\**\s*(?:[.\n]|$)", re.I),
 ]
 _NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3})")
 _PUNCT = re.compile(r"[^\w\s.-]")
 
 
 def normalize_answer(text: str) -> str:
     """Lower-case, strip punctuation and spacing, canonical numbers: '1,000.0' -> '1000'."""
-    text = _PUNCT.sub(" ", text.lower()).strip(" .")
+    text = _PUNCT.sub(" ", _THOUSANDS.sub("", text.lower())).strip(" .")
     text = " ".join(text.split())
     if _NUMBER.fullmatch(text):
         text = text.replace(",", "")

@@ -1,0 +1,54 @@
+"""Synthetic ladders in the replay format whose optimal policies are known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
+
+
+def two_tier(n_rows: int, seed: int, c0: float = 0.1, c1: float = 1.0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Tier 0 is right with probability p (a prompt-level number the policy can read), tier 1 is
+    always right. Returns (logs, p). With reward q - lambda*cost the optimum is closed-form:
+    if p >= 1 - lambda*(c1 - c0) run tier 0 and stop, else start at tier 1 (never both);
+    value E[max(p - lambda c0, 1 - lambda c1)].
+    """
+    rng = np.random.default_rng(seed)
+    p = rng.random(n_rows)
+    right0 = rng.random(n_rows) < p
+    rows = []
+    for i in range(n_rows):
+        prompt = " ".join(rng.choice(WORDS, 8)) + "?"
+        rid = f"s{seed}-{i}"
+        # the output says nothing about whether it is right: only p does
+        rows.append((rid, 0, "small", prompt, "The answer is (B).", float(right0[i]), c0, p[i]))
+        rows.append((rid, 1, "large", prompt, "The answer is (B).", 1.0, c1, p[i]))
+    cols = ["row_id", "tier", "model", "prompt", "output", "quality", "cost", "difficulty"]
+    return pd.DataFrame(rows, columns=cols), p
+
+
+def three_tier(n_rows: int, seed: int, useless_middle: bool = True) -> pd.DataFrame:
+    """A ladder where a latent difficulty drives every tier. Each row has a hidden gold label;
+    a right tier says it, a wrong one says the other, so no single output reveals its own
+    correctness but agreement between tiers does. With `useless_middle`, tier 1 repeats tier 0's
+    answer at three times the cost, so a good policy never runs it. Outputs carry a logged,
+    noisy confidence (`mean_logprob`)."""
+    rng = np.random.default_rng(seed)
+    d = rng.random(n_rows)
+    acc = [np.clip(1.1 - d, 0, 1), np.clip(1.3 - d, 0, 1), np.clip(1.6 - d, 0, 1)]
+    cost = [0.1, 0.3, 1.0]
+    rows = []
+    for i in range(n_rows):
+        prompt = " ".join(rng.choice(WORDS, 6 + int(10 * d[i])))
+        gold = rng.choice(["yes", "no"])
+        right = [rng.random() < acc[t][i] for t in range(3)]
+        if useless_middle:
+            right[1] = right[0]
+        for t in range(3):
+            conf = float(np.clip(acc[t][i] + rng.normal(0, 0.15), 0, 1))
+            ans = gold if right[t] else ("no" if gold == "yes" else "yes")
+            rows.append((f"r{i}", t, f"m{t}", prompt, f"answer is {ans}", float(right[t]),
+                         cost[t] * (1 + 0.1 * rng.random()), conf, "cat" + str(int(d[i] * 3))))
+    return pd.DataFrame(rows, columns=["row_id", "tier", "model", "prompt", "output", "quality",
+                                       "cost", "mean_logprob", "category"])

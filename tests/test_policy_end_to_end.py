@@ -1,0 +1,152 @@
+"""Calibrate and replay through the public API and the CLI, on ladders with known optima."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from cascade.artifact import load_policy, save_policy
+from cascade.calibrate import fit_policy
+from cascade.cli import main
+from cascade.errors import PolicyArtifactError
+from cascade.ladder import load_ladder
+from cascade.runtime import replay
+from tests.synthetic import three_tier, two_tier
+
+
+@pytest.fixture(scope="module")
+def three():
+    cal = load_ladder(three_tier(1500, seed=10), require_quality=True)
+    test = load_ladder(three_tier(1500, seed=11), require_quality=True)
+    policy, report = fit_policy(cal)
+    return policy, report, test
+
+
+def outcome(decisions, ladder):
+    idx = {r: i for i, r in enumerate(ladder.row_ids)}
+    rows = decisions.row_id.map(idx).to_numpy()
+    cost = np.array([ladder.cost[list(tr), i].sum() for tr, i in zip(decisions.tiers_run, rows)])
+    return cost, ladder.quality[decisions.final_tier.to_numpy(), rows]
+
+
+def test_learned_policy_reaches_closed_form_optimum():
+    lam, c0, c1 = 0.5, 0.1, 1.0
+    cal, _ = two_tier(3000, seed=1)
+    test_logs, p = two_tier(3000, seed=2)
+    policy, _ = fit_policy(load_ladder(cal, require_quality=True), user_lambdas=[lam])
+    test = load_ladder(test_logs, require_quality=True)
+    d = replay(policy, test.without_labels())
+    cost, quality = outcome(d, test)
+    p = p[np.argsort([f"s2-{i}" for i in range(3000)])]           # ladder rows are sorted by id
+    optimum = np.mean(np.maximum(p - lam * c0, 1 - lam * c1))
+    assert np.mean(quality - lam * cost) == pytest.approx(optimum, abs=0.02)
+    start = np.array([tr[0] for tr in d.tiers_run])
+    clear = np.abs(p - (1 - lam * (c1 - c0))) > 0.1
+    assert np.mean(start[clear] == np.where(p[clear] >= 0.55, 0, 1)) > 0.95
+
+
+def test_sweep_is_ordered_and_skips_the_useless_tier(three):
+    policy, report, test = three
+    assert len(policy.points) >= 20
+    costs = [p.cal_cost for p in policy.points]
+    assert costs == sorted(costs)
+    d = replay(policy, test.without_labels())
+    by_point = {label: outcome(g, test) for label, g in d.groupby("point", sort=False)}
+    cheap, dear = by_point[policy.points[0].label], by_point[policy.points[-1].label]
+    assert cheap[0].mean() < dear[0].mean() and cheap[1].mean() < dear[1].mean()
+    default = d[d.point == policy.default_label]
+    assert default.tiers_run.map(lambda tr: 1 in tr).mean() < 0.1
+    # the default point keeps ~99% of the best tier's quality for less than its cost
+    c, q = outcome(default, test)
+    assert q.mean() >= 0.97 * test.quality[2].mean() and c.mean() < test.cost[2].mean()
+    metrics = [m for m in report.predictor_metrics if m["observed"] and m["auc"] is not None]
+    assert all(0.5 < m["auc"] <= 1 and 0 <= m["ece"] < 0.1 for m in metrics)
+
+
+def test_replay_is_causal(three):
+    """Changing the logs of tiers a row never ran changes none of that row's decisions."""
+    policy, _, test = three
+    label = policy.default_label
+    d = replay(policy, test.without_labels(), [label]).set_index("row_id").loc[test.row_ids]
+    tampered = test.without_labels()
+    tampered.outputs = tampered.outputs.copy()
+    tampered.cost = tampered.cost.copy()
+    for i, tr in enumerate(d.tiers_run):
+        for t in set(range(3)) - set(tr):
+            tampered.outputs[t, i] = "answer is no " * 40
+            tampered.cost[t, i] *= 100
+            tampered.output_num["mean_logprob"][t, i] = -99.0
+    d2 = replay(policy, tampered, [label]).set_index("row_id").loc[test.row_ids]
+    assert list(d2.final_tier) == list(d.final_tier)
+    assert [list(x) for x in d2.tiers_run] == [list(x) for x in d.tiers_run]
+
+
+def test_artifact_round_trip_and_tamper(three, tmp_path):
+    policy, _, test = three
+    save_policy(policy, tmp_path / "p")
+    loaded = load_policy(tmp_path / "p")
+    a = replay(policy, test.without_labels())
+    b = replay(loaded, test.without_labels())
+    pd.testing.assert_frame_equal(a, b)
+    doc = json.loads((tmp_path / "p" / "policy.json").read_text())
+    assert doc["format"] == "cascade-policy" and len(doc["version"]) == 12
+    raw = bytearray((tmp_path / "p" / "weights.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "p" / "weights.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(PolicyArtifactError, match="checksum"):
+        load_policy(tmp_path / "p")
+
+
+def test_budget_mode_meets_target_on_new_rows():
+    cal = load_ladder(three_tier(2000, seed=20), require_quality=True)
+    test = load_ladder(three_tier(3000, seed=21), require_quality=True)
+    policy, report = fit_policy(cal, budget=__import__("cascade.calibrate", fromlist=["Budget"]).Budget("cost", 0.5))
+    assert report.budget["feasible"]
+    d = replay(policy, test.without_labels(), [policy.default_label])
+    cost, _ = outcome(d, test)
+    assert cost.mean() <= 0.5 * test.cost[2].mean() * 1.03
+
+
+def test_cli_calibrate_replay(tmp_path):
+    logs = tmp_path / "logs.parquet"
+    three_tier(600, seed=3).to_parquet(logs)
+    runner = CliRunner()
+    r = runner.invoke(main, ["calibrate", str(logs), "--out", str(tmp_path / "pol"),
+                             "--min-quality", "0.95"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "AUC" in r.output and "budget quality 0.95" in r.output
+    replay_logs = tmp_path / "replay.parquet"
+    three_tier(200, seed=4).drop(columns=["quality"]).to_parquet(replay_logs)
+    out = tmp_path / "decisions.parquet"
+    r = runner.invoke(main, ["replay", str(tmp_path / "pol"), str(replay_logs), "--out", str(out)],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    assert [f.name for f in table.schema] == ["row_id", "point", "final_tier", "tiers_run"]
+    kind = table.schema.field("tiers_run").type
+    assert pa.types.is_list(kind) and pa.types.is_int64(kind.value_type)
+    assert pa.types.is_string(table.schema.field("row_id").type)
+    assert pa.types.is_int64(table.schema.field("final_tier").type)
+    frame = table.to_pandas()
+    assert frame.point.nunique() >= 20 and len(frame) == 200 * frame.point.nunique()
+    assert all(ft in tr for ft, tr in zip(frame.final_tier, frame.tiers_run))
+    assert all(list(tr) == sorted(set(tr)) for tr in frame.tiers_run)
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    runner = CliRunner()
+    logs = tmp_path / "logs.parquet"
+    three_tier(50, seed=3).drop(columns=["quality"]).to_parquet(logs)
+    r = runner.invoke(main, ["calibrate", str(logs), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "missing column(s) ['quality']" in r.output
+    r = runner.invoke(main, ["replay", str(tmp_path / "nope"), str(logs), "--out", str(tmp_path / "d.parquet")])
+    assert r.exit_code == 2 and "not a policy directory" in r.output
+
+
+def test_commands_have_help():
+    for name, cmd in main.commands.items():
+        assert cmd.help and "Example:" in cmd.help, name
