@@ -102,8 +102,22 @@ class StatePredictor:
     models: list[QualityMLP]
     platt: np.ndarray          # (n_tiers, 2)
 
+    def __post_init__(self):
+        # The K fold models fused into one wide layer: one matmul per batch instead of K.
+        with torch.no_grad():
+            k = len(self.models)
+            self._w1 = torch.cat([m.net[0].weight for m in self.models]).T.contiguous().numpy()
+            self._b1 = torch.cat([m.net[0].bias for m in self.models]).numpy()
+            self._w2 = (torch.cat([m.net[3].weight for m in self.models], dim=1).T / k).contiguous().numpy()
+            self._b2 = (torch.stack([m.net[3].bias for m in self.models]).mean(0)).numpy()
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Mean logit of the fold models (eval mode: dropout off)."""
+        hidden = np.maximum(x @ self._w1 + self._b1, 0.0)
+        return hidden @ self._w2 + self._b2
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return apply_platt(logits_of(self.models, x), self.platt)
+        return apply_platt(self.logits(x), self.platt)
 
 
 def cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
