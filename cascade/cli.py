@@ -95,7 +95,7 @@ def replay(policy_dir, logs, out_path, points):
     try:
         policy = load_policy(policy_dir)
         frame = read_logs(logs).drop(columns=["quality"], errors="ignore")  # never read labels
-        ladder = load_ladder(frame, schema=policy.schema)
+        ladder = load_ladder(frame, schema=policy.schema, require_cost=False)
         decisions = run_replay(policy, ladder, list(points) or None)
     except (CascadeError, ValueError, KeyError) as exc:
         _fail(exc)

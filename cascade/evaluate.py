@@ -151,7 +151,7 @@ def _fmt(x, digits=3):
 
 def _table(frame: pd.DataFrame, cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in frame[cols].iterrows():
+    for r in frame[cols].astype(object).itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in r) + " |")
     return "\n".join(lines)
 

@@ -123,7 +123,7 @@ def tier_block(outputs, cost, output_num: dict) -> tuple[np.ndarray, np.ndarray,
         strength == 2, strength == 1,
         [_HEDGE.search(o[:_SCAN].lower()) is not None for o in outputs],
         [o.count("Question:") + o.count("Q:") for o in outputs],
-        np.log1p(np.asarray(cost, np.float64)) if cost is not None else np.zeros(len(outputs)),
+        np.log(np.asarray(cost, np.float64) + 1e-12) if cost is not None else np.zeros(len(outputs)),
     ], axis=1).astype(np.float32) if len(outputs) else np.zeros((0, 5), np.float32)
     dense = np.hstack([stats, extra] + [np.asarray(v, np.float32)[:, None] for v in output_num.values()])
     answers = np.asarray(answers, dtype=object)

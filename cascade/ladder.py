@@ -25,8 +25,9 @@ REQUIRED = ("row_id", "tier", "prompt", "output")
 KNOWN = {"row_id", "tier", "model", "prompt", "output", "quality", "cost"}
 # Never features: they may hold the answer key, or are bookkeeping from an earlier replay.
 LABEL_LIKE = {"reference", "references", "answer", "answers", "gold", "label", "labels", "target",
-              "correct", "is_correct", "ground_truth", "score", "split", "final_tier", "tiers_run",
-              "point"}
+              "correct", "is_correct", "ground_truth", "score", "scores", "accuracy", "reward",
+              "grade", "judge", "judge_score", "exact_match", "em", "f1", "split", "final_tier",
+              "tiers_run", "point"}
 
 
 @dataclass

@@ -54,8 +54,9 @@ class Policy:
 class _LazyTiers:
     """Tier blocks of a logged ladder, computed only for rows whose policy actually ran the tier."""
 
-    def __init__(self, ladder: Ladder):
+    def __init__(self, ladder: Ladder, fallback_cost: list[float] | None = None):
         self.ladder = ladder
+        self.fallback_cost = fallback_cost
         n, N = ladder.n_tiers, len(ladder)
         self.revealed = np.zeros((n, N), bool)
         self.blocks: dict[int, list] = {}
@@ -65,8 +66,13 @@ class _LazyTiers:
         if not len(rows):
             return
         L = self.ladder
-        dense, hashed, answers = tier_block(list(L.outputs[tier, rows]),
-                                            None if L.cost is None else L.cost[tier, rows],
+        if L.cost is not None:
+            cost = L.cost[tier, rows]
+        elif self.fallback_cost is not None:       # logs without costs: the calibration mean
+            cost = np.full(len(rows), self.fallback_cost[tier])
+        else:
+            cost = None
+        dense, hashed, answers = tier_block(list(L.outputs[tier, rows]), cost,
                                             {k: v[tier, rows] for k, v in L.output_num.items()})
         if tier not in self.blocks:
             N = len(L)
@@ -100,7 +106,7 @@ def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> p
         raise ValueError(f"policy has {n} tiers, logs have {ladder.n_tiers}")
     points = [policy.point(label) for label in labels] if labels else policy.points
     prompt_obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num)
-    tiers = _LazyTiers(ladder)
+    tiers = _LazyTiers(ladder, policy.calibration.get("tier_cost"))
     final = np.full((len(points), N), -1)
     paths = [[[] for _ in range(N)] for _ in points]
     at = {((), k): np.arange(N) for k in range(len(points))}
