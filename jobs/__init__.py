@@ -1,0 +1,1 @@
+"""Batch jobs: spec, input, manifest, coalescing, execution, reports."""

@@ -1,0 +1,189 @@
+"""The `cascade` command: the policy commands (calibrate, replay, eval) plus the job commands
+(run, submit, worker, status, resume, cancel, report)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from cascade.cli import _fail, main
+from cascade.errors import CascadeError
+
+USER_ERRORS = (CascadeError, FileNotFoundError, FileExistsError, KeyError, ValueError)
+
+
+def _bar(done: int, total: int, width: int = 28) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def render_status(st: dict, tty: bool) -> str:
+    lines = [f"job {st['job_id']}  state {st['state']}  rows {st['rows']}  dir {st['dir']}"]
+    for t in st["tiers"]:
+        states = ", ".join(f"{k} {v['shards']} shards/{v['rows']} rows" for k, v in sorted(t["states"].items()))
+        total = sum(v["rows"] for v in t["states"].values()) + t["waiting_rows"]
+        bar = _bar(t["rows_done"], total) + "  " if tty else ""
+        lines.append(f"  tier {t['tier']} {t['name']:<14} {bar}{states or 'no units'}; "
+                     f"waiting to coalesce {t['waiting_rows']} rows; escalated {t['escalated']}")
+    for f in st["failed"]:
+        lines.append(f"  FAILED {f['unit']}: {f['error']}")
+    return "\n".join(lines)
+
+
+def _progress(st):
+    click.echo(render_status(st, sys.stderr.isatty()), err=True)
+
+
+def _load(spec_path, output=None):
+    from jobs.spec import load_spec
+
+    return load_spec(spec_path, overrides={"output": output} if output else None)
+
+
+@main.command()
+@click.argument("spec_path", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--output", default=None, help="Override the spec's output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing job in the output directory.")
+@click.option("--quiet", is_flag=True)
+def run(spec_path, output, overwrite, quiet):
+    """Run a job on this machine, no server needed (embedded executor), then print its report.
+
+    Example: cascade run examples/demo/job.yaml
+    """
+    from jobs import report
+    from jobs.executor import run_embedded
+
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    try:
+        spec = _load(spec_path, output)
+        job = run_embedded(spec, progress=None if quiet else _progress, overwrite=overwrite)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"job {job.id} done in {time.perf_counter() - t0:.1f}s; results in {job.dir}/results/")
+    if not quiet:
+        click.echo(report.text_report(job.dir))
+
+
+@main.command()
+@click.argument("spec_path", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--broker", envvar="CASCADE_BROKER", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--output", default=None, help="Override the spec's output directory.")
+@click.option("--overwrite", is_flag=True)
+def submit(spec_path, broker, output, overwrite):
+    """Validate and shard a job, and enqueue its first units on the tier queues of a broker.
+
+    Example: cascade submit job.yaml --broker redis://redis:6379/0
+    """
+    from jobs import core
+    from workers.celery_app import celery_dispatcher
+
+    try:
+        spec = _load(spec_path, output)
+        job = core.submit(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(job.dir)
+
+
+@main.command()
+@click.option("--tier", required=True, help="Tier name: the worker consumes queue cascade.<tier>.")
+@click.option("--broker", envvar="CASCADE_BROKER", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--hostname", default=None, help="Celery node name (default <tier>@<host>).")
+def worker(tier, broker, loglevel, hostname):
+    """Serve one tier: solo pool, one unit at a time, prefetch 1, late acks.
+
+    Example: CUDA_VISIBLE_DEVICES=0 cascade worker --tier qwen7b
+    """
+    from workers.celery_app import start_worker
+
+    start_worker(tier, broker, loglevel, hostname)
+
+
+@main.command()
+@click.argument("job_dir", metavar="JOB")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--watch", type=float, default=0, help="Refresh every N seconds until the job ends.")
+def status(job_dir, as_json, watch):
+    """Rows and units per tier and state.
+
+    Example: cascade status runs/demo --watch 2
+    """
+    from jobs import core
+
+    while True:
+        try:
+            st = core.status(job_dir)
+        except USER_ERRORS as exc:
+            _fail(exc)
+        click.echo(json.dumps(st, indent=1) if as_json else render_status(st, sys.stdout.isatty()))
+        if not watch or st["state"] != "running":
+            return
+        time.sleep(watch)
+
+
+@main.command()
+@click.argument("job_dir", metavar="JOB")
+@click.option("--broker", envvar="CASCADE_BROKER", default=None,
+              help="Re-enqueue on this broker (default: the job's own; embedded jobs run here).")
+def resume(job_dir, broker):
+    """Rebuild the queues from the job's manifest after a crash or a cancel.
+
+    Example: cascade resume runs/demo
+    """
+    from jobs import core
+    from jobs.executor import resume_embedded
+
+    try:
+        job = core.Job(job_dir)
+        broker = broker or job.broker
+        if broker:
+            from workers.celery_app import celery_dispatcher
+
+            units = core.resume(job_dir, celery_dispatcher(broker))
+            click.echo(f"re-enqueued {len(units)} units on {broker}")
+        else:
+            resume_embedded(job_dir, progress=_progress)
+            click.echo(f"job {job.id}: {core.status(job_dir)['state']}")
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("job_dir", metavar="JOB")
+def cancel(job_dir):
+    """Stop a job: queued units are skipped by the workers; `resume` starts it again.
+
+    Example: cascade cancel runs/nightly-2026-11-28
+    """
+    from jobs import core
+
+    try:
+        st = core.cancel(job_dir)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(render_status(st, False))
+
+
+@main.command()
+@click.argument("job_dir", metavar="JOB")
+def report(job_dir):
+    """Print the job's report: the DuckDB queries in sql/ over its results.
+
+    Example: cascade report runs/demo
+    """
+    from jobs import report as rep
+
+    try:
+        click.echo(rep.text_report(job_dir))
+    except Exception as exc:      # a missing or unfinished job, unreadable Parquet
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Test doubles for unit tests of orchestration logic (the real engines are tested elsewhere).
+
+ScriptedEngine is a fake engine: its "answer" to a prompt is fixed by a rule, its confidence is a
+deterministic function of the prompt, and it counts its calls so tests can see batching.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from workers.engines.base import Engine, Generation
+
+
+class ScriptedEngine(Engine):
+    name = "scripted"
+
+    def __init__(self, tier, context_length: int = 64, calls: list | None = None):
+        self.tier = tier
+        self.context_length = context_length
+        self.calls = calls if calls is not None else []
+
+    def render(self, messages):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def count_tokens(self, prompts):
+        return [len(p.split()) for p in prompts]
+
+    def generate(self, prompts, sampling):
+        self.calls.append((self.tier.name, len(prompts)))
+        out = []
+        for p in prompts:
+            h = zlib.crc32(f"{self.tier.name}|{p}".encode()) % 1000 / 1000.0
+            out.append(Generation(text=f"{self.tier.name}:{p.split()[-1]}",
+                                  token_logprobs=[-h, -0.1], finish_reason="stop",
+                                  prompt_tokens=len(p.split())))
+        return out
+
+
+def scripted_factory(calls: list | None = None, context_length: int = 64):
+    cache = {}
+
+    def factory(tier):
+        if tier.name not in cache:
+            cache[tier.name] = ScriptedEngine(tier, context_length, calls)
+        return cache[tier.name]
+
+    return factory

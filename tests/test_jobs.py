@@ -1,0 +1,259 @@
+"""Job system on the embedded executor with a scripted engine (a test double): spec and input
+validation, sharding, coalescing, per-row errors, idempotent units, resume, cancel, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.doubles import scripted_factory
+from jobs import core, report
+from jobs.executor import LocalExecutor, resume_embedded, run_embedded
+from jobs.inputs import InputError
+from jobs.spec import SpecError, load_spec, parse_spec
+
+TIERS = [{"name": "small", "model": "m0", "cost": {"per_token": 1}},
+         {"name": "mid", "model": "m1", "cost": {"per_token": 3}},
+         {"name": "big", "model": "m2", "cost": {"per_token": 10}}]
+
+
+def make_spec(tmp_path, inp, **kw):
+    raw = {"name": "t", "input": str(inp), "output": str(tmp_path / "job"), "shard_rows": 8,
+           "batch_rows": 10, "tiers": TIERS,
+           "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}, **kw}
+    return parse_spec(raw)
+
+
+def write_input(path, n=50, **extra):
+    df = pd.DataFrame({"prompt": [f"question {i} w{i}" for i in range(n)],
+                       "reference": [f"big:w{i}" for i in range(n)], "extra": range(n), **extra})
+    df.to_parquet(path)
+    return path
+
+
+def results(job_dir) -> pd.DataFrame:
+    return pd.read_parquet(f"{job_dir}/results")
+
+
+def test_every_row_once_with_lineage_and_coalesced_batches(tmp_path):
+    inp = write_input(tmp_path / "in.parquet")
+    calls = []
+    job = run_embedded(make_spec(tmp_path, inp), engine_factory=scripted_factory(calls))
+    out = results(job.dir)
+    assert sorted(out.id) == sorted(f"in:{i}" for i in range(50))
+    assert list(out.extra) == list(range(50))            # input order, pass-through kept
+    # The rule, recomputed independently from the lineage: escalate while first_logprob < -0.5.
+    for r in out.itertuples():
+        tiers = list(r.tiers)
+        for t in tiers[:-1]:
+            assert t["first_logprob"] < -0.5 and t["decision"] == "escalate:%d" % (t["tier"] + 1)
+        last = tiers[-1]
+        assert last["decision"] == "stop" and (last["first_logprob"] >= -0.5 or last["tier"] == 2)
+        assert r.final_tier == last["tier"] and r.response == last["response"]
+        assert r.cost == pytest.approx(sum(t["cost"] for t in tiers))
+    # tier 0 runs shard by shard; later tiers get coalesced batches of >= batch_rows but the last
+    by_tier = {}
+    for name, n in calls:
+        by_tier.setdefault(name, []).append(n)
+    assert by_tier["small"] == [8] * 6 + [2]
+    for name in ("mid", "big"):
+        assert all(n >= 10 for n in by_tier[name][:-1])
+        assert sum(by_tier[name]) == (out.tiers_run.map(len) > ["mid", "big"].index(name) + 1).sum()
+
+
+def test_per_row_errors_keep_the_other_rows(tmp_path):
+    df = pd.DataFrame({"prompt": ["fine one", None, "", "   ", "word " * 70, "fine two"]})
+    df.to_parquet(tmp_path / "in.parquet")
+    job = run_embedded(make_spec(tmp_path, tmp_path / "in.parquet"), engine_factory=scripted_factory())
+    out = results(job.dir).set_index("id")
+    assert len(out) == 6
+    assert list(out.status) == ["ok", "error", "error", "error", "error", "ok"]
+    assert out.loc["in:1", "error"] == "empty prompt"
+    assert "exceeds tier small's context of 64" in out.loc["in:4", "error"]
+    assert out.loc["in:4", "final_tier"] is None or pd.isna(out.loc["in:4", "final_tier"])
+
+
+def test_messages_rendered_with_the_tier_chat_template(tmp_path):
+    msgs = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "bye now"}]]
+    pq.write_table(pa.table({"id": ["a", "b"], "messages": msgs}), tmp_path / "m.parquet")
+    job = run_embedded(make_spec(tmp_path, tmp_path / "m.parquet"), engine_factory=scripted_factory())
+    out = results(job.dir).set_index("id")
+    assert out.loc["a", "response"].endswith(":there<assistant>")
+    assert list(out.loc["a", "messages"][0].values()) == ["user", "hello there"]
+
+
+@pytest.mark.parametrize("case,frame,needle", [
+    ("no prompt column", pd.DataFrame({"text": ["a"]}), "needs a 'prompt' column"),
+    ("prompt not text", pd.DataFrame({"prompt": [1, 2]}), "column 'prompt' must hold strings"),
+    ("duplicate ids", pd.DataFrame({"id": ["x", "y", "x"], "prompt": ["a", "b", "c"]}), "duplicate id 'x'"),
+    ("empty file", pd.DataFrame({"prompt": pd.Series([], dtype=str)}), "has no rows"),
+    ("reserved column", pd.DataFrame({"prompt": ["a"], "status": ["x"]}), "names the output uses"),
+])
+def test_bad_input_is_rejected_at_submit_naming_the_file(tmp_path, case, frame, needle):
+    path = tmp_path / "bad.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(InputError, match=needle) as err:
+        run_embedded(make_spec(tmp_path, path), engine_factory=scripted_factory())
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "job" / "job.json").exists()
+
+
+def test_bad_messages_type_and_unreadable_file(tmp_path):
+    pq.write_table(pa.table({"messages": [["a", "b"]]}), tmp_path / "m.parquet")
+    with pytest.raises(InputError, match="column 'messages' must be a list of"):
+        run_embedded(make_spec(tmp_path, tmp_path / "m.parquet"), engine_factory=scripted_factory())
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="junk.parquet: cannot be read as Parquet"):
+        run_embedded(make_spec(tmp_path, tmp_path / "junk.parquet"), engine_factory=scripted_factory())
+    with pytest.raises(InputError, match="no such file"):
+        run_embedded(make_spec(tmp_path, tmp_path / "nope.parquet"), engine_factory=scripted_factory())
+
+
+def test_directory_and_glob_inputs_get_stable_ids(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_input(d / "a.parquet", 5)
+    write_input(d / "b.parquet", 4)
+    for inp in (d, d / "*.parquet"):
+        job = run_embedded(make_spec(tmp_path, inp), engine_factory=scripted_factory(), overwrite=True)
+        out = results(job.dir)
+        assert list(out.id) == [f"a:{i}" for i in range(5)] + [f"b:{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("patch,needle", [
+    ({"tiers": []}, "tiers: must be a non-empty list"),
+    ({"tiers": [{"name": "a"}]}, r"tiers\[0\].model: is required"),
+    ({"tiers": [{"name": "a", "model": "m", "engine": "tgi"}]}, r"tiers\[0\].engine: must be one of"),
+    ({"tiers": [{"name": "a", "model": "m", "sampling": {"max_tokens": 0}}]},
+     r"tiers\[0\].sampling.max_tokens: must be >= 1"),
+    ({"tiers": [{"name": "a", "model": "m", "cost": {"per_token": -1}}]}, r"tiers\[0\].cost.per_token"),
+    ({"tiers": [{"name": "a", "model": "m"}, {"name": "a", "model": "n"}]}, "duplicate tier name"),
+    ({"policy": {"rule": {"feature": "vibes", "threshold": 0}}}, "policy.rule.feature"),
+    ({"policy": {"rule": {"thresholds": [0]}}}, "policy.rule.thresholds: must list one threshold"),
+    ({"policy": {"artifact": "/nowhere"}}, "policy.artifact: no policy.json"),
+    ({"shard_rows": "ten"}, "shard_rows: must be an integer"),
+    ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+])
+def test_spec_errors_name_the_field(tmp_path, patch, needle):
+    inp = write_input(tmp_path / "in.parquet", 3)
+    with pytest.raises(SpecError, match=needle):
+        make_spec(tmp_path, inp, **patch)
+
+
+def test_yaml_spec_loads(tmp_path, monkeypatch):
+    inp = write_input(tmp_path / "in.parquet", 3)
+    (tmp_path / "job.yaml").write_text(
+        f"input: {inp}\ntiers:\n  - {{name: a, model: m, sampling: {{max_tokens: 4, stop: \"\\n\"}}}}\n"
+        "  - {name: b, model: n}\npolicy: {rule: {threshold: -1}}\n")
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(tmp_path / "job.yaml")
+    assert spec.tiers[0].sampling.stop == ["\n"] and spec.output == str(tmp_path / "runs" / "in")
+    (tmp_path / "bad.yaml").write_text("tiers: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_a_unit_run_twice_leaves_one_result_and_enqueues_once(tmp_path):
+    inp = write_input(tmp_path / "in.parquet", 20)
+    ex = LocalExecutor(scripted_factory())
+    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
+    first = ex.heap[0][3]
+    assert core.run_unit(job.dir, first, engine_factory=scripted_factory(), dispatch=ex.dispatch) == "done"
+    queued = len(ex.heap)
+    before = pq.read_table(f"{job.dir}/tiers/0/{first}.parquet").column("id").to_pylist()
+    # redelivery: the same unit again, then force a re-run with its result but a stale manifest
+    assert core.run_unit(job.dir, first, engine_factory=scripted_factory(), dispatch=ex.dispatch) == "duplicate"
+    assert len(ex.heap) == queued
+    ex.drain()
+    out = results(job.dir)
+    assert len(out) == 20 and out.id.is_unique
+    assert pq.read_table(f"{job.dir}/tiers/0/{first}.parquet").column("id").to_pylist() == before
+
+
+def test_crash_after_commit_then_resume(tmp_path):
+    """A worker dies after writing its result but before recording it: resume records it,
+    re-enqueues what is left, and the job completes with every row once."""
+    inp = write_input(tmp_path / "in.parquet", 30)
+    ex = LocalExecutor(scripted_factory())
+    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
+    uid = ex.heap[0][3]
+    unit = job.manifest()["units"][uid]
+    result = core.execute(job, unit, scripted_factory()(job.spec.tiers[0]))
+    job.store.write_table(unit["result"], result)          # committed, never recorded: "crash"
+    resume_embedded(job.dir, engine_factory=scripted_factory())
+    out = results(job.dir)
+    assert core.status(job.dir)["state"] == "done"
+    assert len(out) == 30 and out.id.is_unique
+
+
+def test_cancel_stops_and_resume_finishes(tmp_path):
+    inp = write_input(tmp_path / "in.parquet", 30)
+    ex = LocalExecutor(scripted_factory())
+    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
+    core.cancel(job.dir)
+    ex.drain()
+    st = core.status(job.dir)
+    assert st["state"] == "cancelled" and st["tiers"][0]["rows_done"] == 0
+    assert not (tmp_path / "job" / "results").exists()
+    resume_embedded(job.dir, engine_factory=scripted_factory())
+    assert core.status(job.dir)["state"] == "done" and len(results(job.dir)) == 30
+
+
+def test_failed_unit_is_recorded_and_resume_retries(tmp_path):
+    inp = write_input(tmp_path / "in.parquet", 10)
+
+    class Boom(Exception):
+        pass
+
+    def broken(tier):
+        raise Boom("engine out of memory")
+
+    ex = LocalExecutor(broken)
+    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
+    with pytest.raises(Boom):
+        ex.drain()
+    st = core.status(job.dir)
+    assert st["failed"] and "engine out of memory" in st["failed"][0]["error"]
+    resume_embedded(job.dir, engine_factory=scripted_factory())
+    assert len(results(job.dir)) == 10
+
+
+def test_audit_share_escalates_regardless(tmp_path):
+    inp = write_input(tmp_path / "in.parquet", 200)
+    spec = make_spec(tmp_path, inp, audit_share=0.25,
+                     policy={"rule": {"feature": "first_logprob", "threshold": -2.0}})  # never escalates
+    job = run_embedded(spec, engine_factory=scripted_factory())
+    out = results(job.dir)
+    audited = out.tiers.map(lambda ts: any(t["audit"] for t in ts))
+    assert 0.15 < audited.mean() < 0.35
+    assert (out.loc[~audited, "tiers_run"].map(len) == 1).all()
+
+
+def test_reports_match_an_independent_count(tmp_path):
+    inp = write_input(tmp_path / "in.parquet", 50)
+    job = run_embedded(make_spec(tmp_path, inp), engine_factory=scripted_factory())
+    out = results(job.dir)
+    res = report.run_all(job.dir)
+    cols, rows = res["selection"]
+    got = {r[0]: r[2] for r in rows}
+    assert got == out.final_tier.value_counts().to_dict()
+    cols, rows = res["cost"]
+    cost = dict(zip(cols, rows[0]))
+    assert cost["cost_total"] == pytest.approx(out.cost.sum())
+    ran_big = out.tiers_run.map(lambda t: 2 in t)
+    per_char = sum(t[-1]["cost"] for t in out.tiers[ran_big]) / out.prompt[ran_big].str.len().sum()
+    est = sum(t[-1]["cost"] for t in out.tiers[ran_big]) + per_char * out.prompt[~ran_big].str.len().sum()
+    assert cost["cost_if_last_tier"] == pytest.approx(est)
+    cols, rows = res["quality"]
+    overall = [r for r in rows if r[0] == "overall"][0]
+    assert overall[5] == pytest.approx((out.response == out.reference).mean())
+    funnel = {r[0]: r for r in res["funnel"][1]}
+    assert funnel[0][2] == 50 and funnel[1][2] == (out.tiers_run.map(len) > 1).sum()
+    text = report.text_report(job.dir)
+    assert "Escalation funnel" in text and "cost_if_last_tier" in text
+    status = json.dumps(core.status(job.dir))
+    assert '"state": "done"' in status

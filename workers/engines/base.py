@@ -1,0 +1,88 @@
+"""The engine interface and registry."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Generation:
+    text: str
+    token_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "stop"          # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int = 0
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_logprobs)
+
+    def features(self) -> dict:
+        """Confidence statistics of the generated tokens (NaN-free: an empty output scores 0)."""
+        lp = [x for x in self.token_logprobs if math.isfinite(x)]
+        return {
+            "first_logprob": lp[0] if lp else 0.0,
+            "mean_logprob": sum(lp) / len(lp) if lp else 0.0,
+            "min_logprob": min(lp) if lp else 0.0,
+            "sum_logprob": sum(lp),
+        }
+
+
+class Engine:
+    """One loaded model. Subclasses set `context_length` and implement the three methods."""
+
+    name = "base"
+    context_length: int = 0
+
+    def render(self, messages: list[dict]) -> str:
+        """A chat as a prompt string, with the model's chat template and a generation prompt."""
+        raise NotImplementedError
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[str], sampling) -> list[Generation]:
+        """One batched call for the whole list; returns one Generation per prompt, in order."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, str] = {
+    "transformers": "workers.engines.transformers_engine:TransformersEngine",
+    "vllm": "workers.engines.vllm_engine:VLLMEngine",
+}
+_LOADED: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def register_engine(name: str, target: str | type):
+    """Register an engine class (or 'module:Class' path, imported on first use) under a name."""
+    _REGISTRY[name] = target
+
+
+def engine_class(name: str) -> type:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown engine {name!r}; registered: {sorted(_REGISTRY)}")
+    target = _REGISTRY[name]
+    if isinstance(target, str):
+        module, cls = target.split(":")
+        target = getattr(importlib.import_module(module), cls)
+    return target
+
+
+def get_engine(tier, keep: int = 2) -> Engine:
+    """The loaded engine for a tier spec; a process loads each model once and keeps the `keep`
+    most recently used ones."""
+    key = (tier.engine, tier.model, tier.device, tier.dtype, tier.context,
+           tuple(sorted(tier.engine_args.items())))
+    with _LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        while len(_LOADED) >= keep:
+            _LOADED.popitem(last=False)
+        engine = engine_class(tier.engine)(tier)
+        _LOADED[key] = engine
+        return engine

