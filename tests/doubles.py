@@ -6,9 +6,11 @@ deterministic function of the prompt, and it counts its calls so tests can see b
 
 from __future__ import annotations
 
+import os
+import time
 import zlib
 
-from workers.engines.base import Engine, Generation
+from workers.engines.base import Engine, Generation, register_engine
 
 
 class ScriptedEngine(Engine):
@@ -16,6 +18,7 @@ class ScriptedEngine(Engine):
 
     def __init__(self, tier, context_length: int = 64, calls: list | None = None):
         self.tier = tier
+        self.delay = float(os.environ.get("CASCADE_SCRIPTED_DELAY", "0"))
         self.context_length = context_length
         self.calls = calls if calls is not None else []
 
@@ -27,6 +30,7 @@ class ScriptedEngine(Engine):
 
     def generate(self, prompts, sampling):
         self.calls.append((self.tier.name, len(prompts)))
+        time.sleep(self.delay)
         out = []
         for p in prompts:
             h = zlib.crc32(f"{self.tier.name}|{p}".encode()) % 1000 / 1000.0
@@ -45,3 +49,7 @@ def scripted_factory(calls: list | None = None, context_length: int = 64):
         return cache[tier.name]
 
     return factory
+
+
+# Worker processes started with CASCADE_PLUGINS=tests.doubles serve tiers with engine: scripted.
+register_engine("scripted", ScriptedEngine)

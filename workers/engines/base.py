@@ -57,12 +57,27 @@ _LOADED: OrderedDict = OrderedDict()
 _LOCK = threading.Lock()
 
 
+def load_plugins():
+    """Import the modules named in CASCADE_PLUGINS (comma-separated); they register engines."""
+    import os
+
+    for mod in filter(None, (m.strip() for m in os.environ.get("CASCADE_PLUGINS", "").split(","))):
+        importlib.import_module(mod)
+
+
+def engine_names() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
 def register_engine(name: str, target: str | type):
     """Register an engine class (or 'module:Class' path, imported on first use) under a name."""
     _REGISTRY[name] = target
 
 
 def engine_class(name: str) -> type:
+    if name not in _REGISTRY:
+        load_plugins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown engine {name!r}; registered: {sorted(_REGISTRY)}")
     target = _REGISTRY[name]

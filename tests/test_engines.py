@@ -1,0 +1,63 @@
+"""Engine registry and the vLLM adapter's logic (request building, output parsing), without vLLM:
+the vLLM objects here are test doubles shaped like vllm.RequestOutput / CompletionOutput / Logprob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from jobs.spec import Sampling
+from workers.engines import base
+from workers.engines.vllm_engine import parse_request_output, sampling_kwargs
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+    rank: int = 1
+
+
+@dataclass
+class FakeCompletion:
+    text: str
+    token_ids: list
+    logprobs: list
+    finish_reason: str
+
+
+@dataclass
+class FakeRequestOutput:
+    prompt_token_ids: list
+    outputs: list
+
+
+def test_sampling_kwargs():
+    kw = sampling_kwargs(Sampling(max_tokens=3, temperature=0.0, seed=7, stop=["\n"]))
+    assert kw == {"max_tokens": 3, "temperature": 0.0, "logprobs": 1, "seed": 7, "stop": ["\n"],
+                  "top_p": 1.0}
+    assert "stop" not in sampling_kwargs(Sampling(temperature=0.7))
+
+
+def test_parse_request_output_takes_the_chosen_tokens_logprobs():
+    comp = FakeCompletion(" positive", [11, 12], [{11: FakeLogprob(-0.2), 99: FakeLogprob(-1.9)},
+                                                  {12: FakeLogprob(-0.05)}], "stop")
+    g = parse_request_output(FakeRequestOutput([1, 2, 3, 4], [comp]))
+    assert g.text == " positive" and g.token_logprobs == [-0.2, -0.05]
+    assert g.prompt_tokens == 4 and g.finish_reason == "stop" and g.output_tokens == 2
+    assert g.features()["first_logprob"] == -0.2
+    assert g.features()["mean_logprob"] == pytest.approx(-0.125)
+    g = parse_request_output(FakeRequestOutput([1], [FakeCompletion("abc", [5], None, "length")]))
+    assert g.finish_reason == "length" and g.token_logprobs == [] and g.features()["mean_logprob"] == 0.0
+
+
+def test_registry_and_lazy_vllm_import():
+    with pytest.raises(KeyError, match="unknown engine 'nope'"):
+        base.engine_class("nope")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        from jobs.spec import TierSpec
+
+        with pytest.raises(RuntimeError, match=r"needs the \[vllm\] extra"):
+            base.engine_class("vllm")(TierSpec("big", "x", engine="vllm"))
