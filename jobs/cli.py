@@ -172,15 +172,32 @@ def cancel(job_dir):
 
 @main.command()
 @click.argument("job_dir", metavar="JOB")
-def report(job_dir):
-    """Print the job's report: the DuckDB queries in sql/ over its results.
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write report.md, report.html, PNG plots and summary.json here.")
+@click.option("--history", is_flag=True,
+              help="JOB is a directory of job directories: trends across runs and drift tests.")
+def report(job_dir, out_dir, history):
+    """Report on a job (the DuckDB queries in sql/), or on a history of nightly jobs.
 
-    Example: cascade report runs/demo
+    Example: cascade report runs/demo --out runs/demo/report
+    Example: cascade report --history runs/nightly --out runs/nightly/trends
     """
     from jobs import report as rep
 
     try:
+        if history:
+            doc, summary = rep.history(job_dir)
+            if out_dir:
+                rep.write_history(job_dir, out_dir)
+            click.echo(doc.markdown())
+            if summary["drift"]:
+                click.echo(f"DRIFT: {len(summary['drift'])} test(s) flagged", err=True)
+            return
+        if out_dir:
+            rep.write_report(job_dir, out_dir)
         click.echo(rep.text_report(job_dir))
+        if out_dir:
+            click.echo(f"wrote {out_dir}/report.md, report.html, *.png, summary.json")
     except Exception as exc:      # a missing or unfinished job, unreadable Parquet
         _fail(exc)
 

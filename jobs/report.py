@@ -1,4 +1,6 @@
-"""Reports over a job directory: the SQL in sql/*.sql, run by DuckDB over the job's Parquet.
+"""Reports over job directories: the SQL in sql/*.sql run by DuckDB over the job's Parquet (no
+row is loaded into Python), rendered as report.md, a self-contained report.html, PNG plots and
+summary.json; and nightly history across many job directories, with drift tests.
 
 Each .sql file reads the job directory from the DuckDB variable `job`, so the same file runs
 here and from the plain duckdb CLI:  duckdb -cmd "SET VARIABLE job = 'runs/demo'" < sql/cost.sql
@@ -6,14 +8,31 @@ here and from the plain duckdb CLI:  duckdb -cmd "SET VARIABLE job = 'runs/demo'
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import duckdb
+from scipy import stats
+
+from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lines_png
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "quality", "errors", "latency", "calibration"]
+QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "errors",
+           "latency", "audit", "calibration"]
 NEEDS_REFERENCE = {"quality", "calibration"}
+TITLES = {
+    "selection": "Selection: which tier's answer each row kept",
+    "funnel": "Escalation funnel",
+    "cost": "Cost against running every row on the last tier",
+    "cost_per_tier": "Cost per tier",
+    "fixed_tiers": "Every row on one tier (estimated from the rows each tier ran)",
+    "quality": "Quality against the references",
+    "errors": "Errors",
+    "latency": "Throughput and latency per tier",
+    "audit": "Audits: agreement of the stopping tier with the next tier",
+    "calibration": "Predicted against observed quality",
+}
 
 
 def sql_text(name: str) -> str:
@@ -21,13 +40,13 @@ def sql_text(name: str) -> str:
 
 
 def connect(job_dir: str) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
     from jobs.storage import Store
 
+    con = duckdb.connect()
     store = Store(job_dir)
-    if not store.local:                      # fsspec URL: let DuckDB read through the same fs
+    if not store.local:                      # fsspec URL: DuckDB reads through the same filesystem
         con.register_filesystem(store.fs)
-    con.execute("SET VARIABLE job = ?", [job_dir.rstrip("/")])
+    con.execute("SET VARIABLE job = ?", [str(job_dir).rstrip("/")])
     return con
 
 
@@ -44,57 +63,252 @@ def run_query(con, name: str) -> tuple[list[str], list[tuple]]:
 def run_all(job_dir: str) -> dict[str, tuple[list[str], list[tuple]]]:
     con = connect(job_dir)
     ref = has_reference(con)
-    out = {}
+    return {name: (([], []) if name in NEEDS_REFERENCE and not ref else run_query(con, name))
+            for name in QUERIES}
+
+
+def _dicts(res, name) -> list[dict]:
+    cols, rows = res[name]
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def _tier_names(job_dir: str, res) -> list[str]:
+    try:
+        from jobs.core import Job
+
+        return [t.name for t in Job(job_dir).spec.tiers]
+    except Exception:                        # a results directory without job.json
+        return [r["name"] for r in _dicts(res, "funnel")]
+
+
+def summarize(job_dir: str, res: dict | None = None) -> dict:
+    """summary.json: every number from the SQL results."""
+    res = res or run_all(job_dir)
+    names = _tier_names(job_dir, res)
+    sel = {r["final_tier"]: r for r in _dicts(res, "selection")}
+    spent = {r["tier"]: r for r in _dicts(res, "cost_per_tier")}
+    fixed = {r["tier"]: r for r in _dicts(res, "fixed_tiers")}
+    qual = {r["tier"]: r for r in _dicts(res, "quality") if r["scope"] == "tier"}
+    overall = [r for r in _dicts(res, "quality") if r["scope"] == "overall"]
+    cost = _dicts(res, "cost")[0]
+    tiers = [{"tier": i, "name": n, "rows": int(sel.get(i, {}).get("rows", 0)),
+              "share": float(sel.get(i, {}).get("share", 0.0)),
+              "cost": float(spent.get(i, {}).get("cost") or 0.0),
+              "rows_run": int(spent.get(i, {}).get("rows_run") or 0),
+              "cost_per_row_if_all": fixed.get(i, {}).get("cost_per_row_if_all"),
+              "quality_on_rows_run": qual.get(i, {}).get("normalised")}
+             for i, n in enumerate(names)]
+    with_q = [t for t in tiers if t["quality_on_rows_run"] is not None]
+    best = max(with_q, key=lambda t: t["quality_on_rows_run"])["tier"] if with_q else len(names) - 1
+    rows = int(cost["rows"])
+    best_cost = tiers[best]["cost_per_row_if_all"]
+    return {
+        "rows": rows, "tiers": tiers,
+        "cost_total": float(cost["cost_total"] or 0.0),
+        "cost_per_row": float(cost["cost_per_row"] or 0.0),
+        "seconds_total": float(cost["seconds_total"] or 0.0),
+        "cost_if_last_tier": cost["cost_if_last_tier"],
+        "best_tier": best,
+        "cost_if_best_tier": best_cost * rows if best_cost is not None else None,
+        "quality": overall[0]["normalised"] if overall else None,
+        "quality_exact": overall[0]["exact"] if overall else None,
+        "errors": int(sum(r["rows"] for r in _dicts(res, "errors"))),
+        "unrouted": int(sel.get(None, {}).get("rows", 0)),
+    }
+
+
+def build(job_dir: str) -> tuple[Doc, dict]:
+    res = run_all(job_dir)
+    summary = summarize(job_dir, res)
+    names = [t["name"] for t in summary["tiers"]]
+    doc = Doc(f"Job report: {Path(str(job_dir)).name}")
+    q = summary["quality"]
+    ratio = (summary["cost_total"] / summary["cost_if_last_tier"]
+             if summary["cost_if_last_tier"] else None)
+    doc.p(f"{summary['rows']} rows; cost {fmt(summary['cost_total'])} "
+          f"({fmt(ratio)} of running every row on the last tier, "
+          f"{fmt(summary['cost_if_last_tier'])} estimated); quality "
+          f"{fmt(q) if q is not None else 'n/a (no references)'}; errors {summary['errors']}.")
+    doc.p("Costs are in the job's configured units; seconds are measured engine time, each row "
+          "charged its share of its batch. 'If all rows ran on a tier' is estimated from the "
+          "measured cost per prompt character on the rows that tier did run.")
     for name in QUERIES:
-        if name in NEEDS_REFERENCE and not ref:
-            out[name] = ([], [])
-            continue
-        out[name] = run_query(con, name)
-    return out
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return str(v)
-
-
-def markdown_table(cols: list[str], rows: list[tuple]) -> str:
-    if not cols:
-        return "_(no data)_"
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-TITLES = {
-    "selection": "Selection: which tier's answer each row kept",
-    "funnel": "Escalation funnel",
-    "cost": "Cost against running every row on the last tier",
-    "cost_per_tier": "Cost per tier",
-    "quality": "Quality against the references",
-    "errors": "Errors",
-    "latency": "Throughput and latency per tier",
-    "calibration": "Predicted against observed quality",
-}
-
-
-def text_report(job_dir: str, results: dict | None = None) -> str:
-    results = results or run_all(job_dir)
-    parts = [f"# Job report: {job_dir}"]
-    for name in QUERIES:
-        cols, rows = results[name]
-        if name == "errors" and not rows:
-            parts.append(f"\n## {TITLES[name]}\n\nnone")
-            continue
+        cols, rows = res[name]
         if name in NEEDS_REFERENCE and not cols:
-            parts.append(f"\n## {TITLES[name]}\n\n_(no `reference` column in the input)_")
+            doc.h2(TITLES[name])
+            doc.p("No `reference` column in the input.")
             continue
-        if name == "calibration" and not rows:
+        if name in ("calibration", "audit") and not rows:
             continue
-        parts.append(f"\n## {TITLES[name]}\n\n" + markdown_table(cols, rows))
-    return "\n".join(parts) + "\n"
+        doc.h2(TITLES[name])
+        doc.table(cols, rows)
+        if name == "selection":
+            doc.image("selection.png", bar_png(names, [t["share"] for t in summary["tiers"]],
+                                               "Rows answered by each tier", "share of rows",
+                                               [f"{t['rows']} ({t['share']:.0%})" for t in summary["tiers"]]),
+                      "Selection distribution: share of rows whose answer each tier gave")
+        elif name == "funnel":
+            f = _dicts(res, "funnel")
+            doc.image("funnel.png", grouped_bar_png(
+                [r["name"] for r in f], {"entered": [r["entered"] for r in f],
+                                         "stopped": [r["stopped"] for r in f],
+                                         "escalated": [r["escalated"] for r in f]},
+                "Escalation funnel", "rows"), "Rows entering, stopping and escalating at each tier")
+        elif name == "cost_per_tier":
+            doc.image("cost_per_tier.png", bar_png(names, [t["cost"] for t in summary["tiers"]],
+                                                   "Cost spent per tier", "cost (configured units)"),
+                      "Cost each tier spent, over all the rows it ran")
+    fixed_pts = {f"{t['name']} (all rows)": (t["cost_per_row_if_all"], t["quality_on_rows_run"])
+                 for t in summary["tiers"]}
+    if q is not None:
+        pts = [p for p in fixed_pts.values() if p[0] is not None and p[1] is not None]
+        doc.h2("Quality/cost frontier")
+        doc.p("The job's operating point against each fixed tier. A fixed tier's quality is "
+              "measured on the rows it ran: all rows for tier 0 when every row starts there, but "
+              "only the escalated rows for later tiers, which are not a random sample (biased "
+              "either way); `cascade eval` on logs where every tier ran gives unbiased frontiers.")
+        doc.image("frontier.png", frontier_png({"fixed tiers": pts},
+                                               {**fixed_pts, "this job": (summary["cost_per_row"], q)},
+                                               "Quality against cost per row"),
+                  "Quality/cost: fixed tiers and the job's operating point")
+    else:
+        doc.h2("Quality/cost frontier")
+        doc.p("Needs a `reference` column in the input.")
+    return doc, summary
+
+
+def write_report(job_dir: str, out_dir: str) -> dict:
+    doc, summary = build(job_dir)
+    out = doc.write(out_dir)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def text_report(job_dir: str) -> str:
+    doc, _ = build(job_dir)
+    return doc.markdown()
+
+
+# ---------------------------------------------------------------- nightly history
+
+def _z_two_prop(k1, n1, k0, n0) -> tuple[float, float]:
+    if n1 == 0 or n0 == 0:
+        return float("nan"), float("nan")
+    p = (k1 + k0) / (n1 + n0)
+    se = math.sqrt(p * (1 - p) * (1 / n1 + 1 / n0))
+    if se == 0:
+        return 0.0, 1.0
+    z = (k1 / n1 - k0 / n0) / se
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def job_dirs(root: str) -> list[Path]:
+    found = [p.parent for p in Path(root).glob("*/job.json") if list(p.parent.glob("results/*.parquet"))]
+    return sorted(found, key=lambda d: json.loads((d / "job.json").read_text()).get("created", 0))
+
+
+def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
+    """Tabulate and plot cost, shares, escalation, errors and audit agreement across runs; test
+    the latest run against all earlier runs pooled: a two-proportion z-test per tier for its share
+    of answers, its escalation rate and its audit agreement, and a calibration z-test (observed
+    correct minus the sum of predicted probabilities, over its standard deviation) where
+    references and predictions exist; Bonferroni across the tests."""
+    dirs = job_dirs(root)
+    if not dirs:
+        raise FileNotFoundError(f"{root}: no finished job directories (*/job.json with results/)")
+    runs = []
+    for d in dirs:
+        res = run_all(str(d))
+        s = summarize(str(d), res)
+        meta = json.loads((d / "job.json").read_text())
+        funnel = {r["tier"]: r for r in _dicts(res, "funnel")}
+        audit = {r["tier"]: r for r in _dicts(res, "audit")}
+        calib = {}
+        for r in _dicts(res, "calibration"):
+            c = calib.setdefault(r["tier"], {"n": 0, "observed": 0.0, "predicted": 0.0, "var": 0.0})
+            c["n"] += r["rows"]
+            c["observed"] += r["observed"] * r["rows"]
+            c["predicted"] += r["predicted"] * r["rows"]
+            c["var"] += r["rows"] * r["predicted"] * (1 - r["predicted"])
+        runs.append({"job": d.name, "created": meta.get("created"), "summary": s, "funnel": funnel,
+                     "audit": audit, "calibration": calib})
+    names = [t["name"] for t in runs[-1]["summary"]["tiers"]]
+    doc = Doc(f"Nightly history: {root}")
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        rows.append([r["job"], s["rows"], s["cost_total"], s["cost_per_row"], s["errors"] / max(s["rows"], 1),
+                     s["quality"]] + [t["share"] for t in s["tiers"]]
+                    + [(r["funnel"].get(i, {}).get("escalation_rate")) for i in range(len(names))])
+    cols = (["job", "rows", "cost", "cost_per_row", "error_rate", "quality"]
+            + [f"share {n}" for n in names] + [f"escalation {n}" for n in names])
+    doc.h2("Runs")
+    doc.table(cols, rows)
+    x = list(range(len(runs)))
+    doc.image("history_cost.png", lines_png(x, {"cost per row": [r["summary"]["cost_per_row"] for r in runs]},
+                                            "Cost per row by run", "run (oldest first)", "cost per row"),
+              "Cost per row across runs")
+    doc.image("history_shares.png", lines_png(
+        x, {n: [r["summary"]["tiers"][i]["share"] if i < len(r["summary"]["tiers"]) else None
+                for r in runs] for i, n in enumerate(names)},
+        "Share of rows answered per tier", "run (oldest first)", "share"), "Selection shares across runs")
+    doc.image("history_escalation.png", lines_png(
+        x, {n: [r["funnel"].get(i, {}).get("escalation_rate") for r in runs] for i, n in enumerate(names[:-1])}
+        | {"error rate": [r["summary"]["errors"] / max(r["summary"]["rows"], 1) for r in runs]},
+        "Escalation and error rates", "run (oldest first)", "rate"), "Escalation and error rates across runs")
+
+    tests = []
+    if len(runs) >= 2:
+        last, earlier = runs[-1], runs[:-1]
+        for i, n in enumerate(names):
+            k1 = last["summary"]["tiers"][i]["rows"]
+            n1 = last["summary"]["rows"]
+            k0 = sum(r["summary"]["tiers"][i]["rows"] for r in earlier if i < len(r["summary"]["tiers"]))
+            n0 = sum(r["summary"]["rows"] for r in earlier)
+            tests.append(("share", n, k1 / max(n1, 1), k0 / max(n0, 1), *_z_two_prop(k1, n1, k0, n0)))
+            f1 = last["funnel"].get(i)
+            if f1 and i < len(names) - 1:
+                e0 = sum(r["funnel"].get(i, {}).get("escalated", 0) for r in earlier)
+                m0 = sum(r["funnel"].get(i, {}).get("entered", 0) for r in earlier)
+                tests.append(("escalation rate", n, f1["escalated"] / max(f1["entered"], 1),
+                              e0 / max(m0, 1), *_z_two_prop(f1["escalated"], f1["entered"], e0, m0)))
+            a1 = last["audit"].get(i)
+            if a1:
+                ka = sum(r["audit"].get(i, {}).get("agreement", 0) * r["audit"].get(i, {}).get("audited", 0)
+                         for r in earlier)
+                na = sum(r["audit"].get(i, {}).get("audited", 0) for r in earlier)
+                tests.append(("audit agreement", n, a1["agreement"], ka / na if na else float("nan"),
+                              *_z_two_prop(round(a1["agreement"] * a1["audited"]), a1["audited"], round(ka), na)))
+            c = last["calibration"].get(i)
+            if c and c["var"] > 0:
+                z = (c["observed"] - c["predicted"]) / math.sqrt(c["var"])
+                tests.append(("calibration (observed vs predicted)", n, c["observed"] / c["n"],
+                              c["predicted"] / c["n"], z, float(2 * stats.norm.sf(abs(z)))))
+    m = max(len([t for t in tests if not math.isnan(t[5])]), 1)
+    flagged = []
+    table = []
+    for kind, n, now, before, z, p in tests:
+        padj = min(1.0, p * m) if not math.isnan(p) else float("nan")
+        drift = (not math.isnan(padj)) and padj < alpha
+        table.append([kind, n, now, before, z, padj, drift])
+        if drift:
+            flagged.append({"test": kind, "tier": n, "latest": now, "baseline": before, "z": z, "p_bonferroni": padj})
+    doc.h2("Drift: the latest run against all earlier runs")
+    doc.p(f"Two-proportion z-tests (share of rows answered, escalation rate, audit agreement) of "
+          f"the latest run against all earlier runs pooled; for calibration, (observed correct - "
+          f"sum of predicted probabilities) / sqrt(sum p(1-p)) on the latest run's referenced rows. "
+          f"p-values Bonferroni-corrected across the {m} tests; drift flagged at p < {alpha}.")
+    doc.table(["test", "tier", "latest", "baseline", "z", "p_bonferroni", "drift"], table,
+              empty="needs at least two runs")
+    summary = {"runs": [{"job": r["job"], **{k: r["summary"][k] for k in
+                                             ("rows", "cost_total", "cost_per_row", "quality", "errors")},
+                         "shares": {t["name"]: t["share"] for t in r["summary"]["tiers"]}} for r in runs],
+               "drift": flagged, "tests": len(tests)}
+    return doc, summary
+
+
+def write_history(root: str, out_dir: str) -> dict:
+    doc, summary = history(root)
+    out = doc.write(out_dir, stem="history")
+    (out / "history.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary

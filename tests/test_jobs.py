@@ -257,3 +257,20 @@ def test_reports_match_an_independent_count(tmp_path):
     assert "Escalation funnel" in text and "cost_if_last_tier" in text
     status = json.dumps(core.status(job.dir))
     assert '"state": "done"' in status
+
+
+def test_fsspec_output_directory_and_report(tmp_path):
+    """A job directory on another fsspec filesystem (memory:// here; s3:// and gs:// the same way)."""
+    import fsspec
+
+    inp = write_input(tmp_path / "in.parquet", 25)
+    spec = make_spec(tmp_path, inp, output="memory://jobs/fs-test")
+    job = run_embedded(spec, engine_factory=scripted_factory(), overwrite=True)
+    fs = fsspec.filesystem("memory")
+    parts = fs.glob("/jobs/fs-test/results/*.parquet")
+    assert parts and not list((tmp_path / "job").glob("*"))
+    with fs.open(parts[0], "rb") as f:
+        out = pq.read_table(f).to_pandas()
+    assert len(out) == 25 and out.id.is_unique
+    s = report.summarize(job.dir)
+    assert s["rows"] == 25 and s["cost_total"] == pytest.approx(out.cost.sum())

@@ -1,0 +1,181 @@
+"""Reports: the SQL files on fixture job directories whose answers are known by construction,
+the rendered report (real PNGs, self-contained HTML), summary.json against an independent count,
+nightly history with drift tests, and the same SQL through DuckDB's own SQL runner."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs import report
+from jobs.cli import main
+from jobs.core import TIER_STRUCT
+
+NAMES = ["small", "big"]
+
+
+def rec(tier, response, *, cost, seconds=0.5, decision="stop", audit=False, status="ok", error=None,
+        p=None, prompt_tokens=10, output_tokens=1):
+    return {"tier": tier, "name": NAMES[tier], "status": status, "error": error, "response": response,
+            "finish_reason": "stop" if status == "ok" else None, "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens, "first_logprob": -0.1, "mean_logprob": -0.1,
+            "min_logprob": -0.1, "p_quality": p, "decision": decision, "audit": audit,
+            "seconds": seconds, "cost": cost}
+
+
+def fixture_rows(n_stop=6, n_esc=3):
+    """n_stop rows answered by `small` (2 of them wrong), n_esc escalated to `big` (all right,
+    small was wrong on them), one audited row, one error. Prompts are 10 characters."""
+    rows = []
+    for i in range(n_stop):
+        right = i >= 2
+        audit = i == n_stop - 1
+        t = [rec(0, " Positive." if right else "negative", cost=1.0, p=0.9 if right else 0.6,
+                 decision="escalate:1" if audit else "stop", audit=audit)]
+        if audit:
+            t.append(rec(1, "positive", cost=4.0))
+        rows.append({"id": f"s{i}", "prompt": "p" * 10, "response": t[0]["response"], "final_tier": 0,
+                     "final_tier_name": "small", "tiers_run": [x["tier"] for x in t], "tiers": t,
+                     "status": "ok", "error": None, "cost": sum(x["cost"] for x in t),
+                     "seconds": sum(x["seconds"] for x in t), "reference": "positive"})
+    for i in range(n_esc):
+        t = [rec(0, "negative", cost=1.0, p=0.2, decision="escalate:1"), rec(1, "positive", cost=4.0)]
+        rows.append({"id": f"e{i}", "prompt": "p" * 10, "response": "positive", "final_tier": 1,
+                     "final_tier_name": "big", "tiers_run": [0, 1], "tiers": t, "status": "ok",
+                     "error": None, "cost": 5.0, "seconds": 1.0, "reference": "positive"})
+    t = [rec(0, None, cost=0.0, seconds=0.0, status="error", error="empty prompt", decision="error",
+             prompt_tokens=0, output_tokens=0)]
+    rows.append({"id": "x", "prompt": "p" * 10, "response": None, "final_tier": None,
+                 "final_tier_name": None, "tiers_run": [0], "tiers": t, "status": "error",
+                 "error": "empty prompt", "cost": 0.0, "seconds": 0.0, "reference": "positive"})
+    return rows
+
+
+def write_job(path, rows, with_reference=True):
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", pa.string()),
+                        ("final_tier", pa.int32()), ("final_tier_name", pa.string()),
+                        ("tiers_run", pa.list_(pa.int32())), ("tiers", pa.list_(TIER_STRUCT)),
+                        ("status", pa.string()), ("error", pa.string()), ("cost", pa.float64()),
+                        ("seconds", pa.float64()), ("reference", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if not with_reference:
+        table = table.drop(["reference"])
+    (path / "results").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.slice(0, 5), path / "results" / "part-00000.parquet")
+    pq.write_table(table.slice(5), path / "results" / "part-00001.parquet")
+    return path
+
+
+@pytest.fixture
+def job(tmp_path):
+    return str(write_job(tmp_path / "job", fixture_rows()))
+
+
+def test_sql_answers_known_by_construction(job):
+    res = report.run_all(job)
+    d = {k: [dict(zip(c, r)) for r in rows] for k, (c, rows) in res.items()}
+    assert [(r["final_tier"], r["rows"]) for r in d["selection"]] == [(0, 6), (1, 3), (None, 1)]
+    f = {r["tier"]: r for r in d["funnel"]}
+    assert (f[0]["entered"], f[0]["stopped"], f[0]["escalated"], f[0]["audited"], f[0]["errors"]) == (10, 5, 4, 1, 1)
+    assert (f[1]["entered"], f[1]["stopped"]) == (4, 4)
+    c = d["cost"][0]
+    assert c["rows"] == 10 and c["cost_total"] == pytest.approx(6 * 1 + 4 + 3 * 5)
+    # last tier: 4 rows measured at 4.0 per 10 chars; 6 other rows estimated at the same rate
+    assert c["cost_if_last_tier"] == pytest.approx(40.0) and c["last_tier_rows_measured"] == 4
+    t = {r["tier"]: r for r in d["cost_per_tier"]}
+    assert t[0]["cost"] == pytest.approx(9.0) and t[0]["rows_run"] == 9 and t[1]["cost"] == pytest.approx(16.0)
+    q = {(r["scope"], r["tier"]): r for r in d["quality"]}
+    assert q[("tier", 0)]["normalised"] == pytest.approx(4 / 9)       # " Positive." matches
+    assert q[("tier", 0)]["exact"] == 0.0
+    assert q[("tier", 1)]["normalised"] == 1.0 and q[("tier", 1)]["exact"] == 1.0
+    assert q[("overall", None)]["normalised"] == pytest.approx(7 / 10)
+    assert d["errors"] == [{"tier": 0, "name": "small", "reason": "empty prompt", "rows": 1}]
+    lat = {r["tier"]: r for r in d["latency"]}
+    assert lat[0]["rows_per_s"] == pytest.approx(2.0) and lat[0]["p50_s"] == pytest.approx(0.5)
+    a = d["audit"]
+    assert len(a) == 1 and a[0]["audited"] == 1 and a[0]["agreement"] == 1.0
+    cal = {(r["tier"], r["bin"]): r for r in d["calibration"]}
+    assert cal[(0, 9)]["rows"] == 4 and cal[(0, 9)]["observed"] == 1.0
+    assert cal[(0, 6)]["observed"] == 0.0 and cal[(0, 2)]["rows"] == 3
+
+
+def test_sql_runs_as_plain_duckdb_scripts(job):
+    """What the duckdb CLI does with `-cmd "SET VARIABLE job = ..." < file.sql`: a fresh
+    connection, the variable, then the file's statements verbatim."""
+    for name in report.QUERIES:
+        con = duckdb.connect()
+        con.execute(f"SET VARIABLE job = '{job}'")
+        for stmt in filter(str.strip, report.sql_text(name).split(";")):
+            if stmt.strip() and not all(line.strip().startswith("--") for line in stmt.strip().splitlines()):
+                rel = con.execute(stmt)
+        assert rel.fetchall() is not None
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_files_and_summary_equal_an_independent_count(job, tmp_path):
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(main, ["report", job, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for name in ("selection", "funnel", "cost_per_tier", "frontier"):
+        assert png_size(out / f"{name}.png") == (640, 400)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "src=\"selection.png\"" not in html
+    assert "## Escalation funnel" in (out / "report.md").read_text()
+    s = json.loads((out / "summary.json").read_text())
+    df = pd.read_parquet(f"{job}/results")
+    assert s["rows"] == len(df)
+    assert s["cost_total"] == pytest.approx(df.cost.sum())
+    assert s["errors"] == int((df.status == "error").sum())
+    counts = df.final_tier.value_counts()
+    for t in s["tiers"]:
+        assert t["rows"] == counts.get(t["tier"], 0)
+        assert t["share"] == pytest.approx(counts.get(t["tier"], 0) / len(df))
+        assert t["cost"] == pytest.approx(sum(x["cost"] for ts in df.tiers for x in ts if x["tier"] == t["tier"]))
+    norm = df.response.fillna("").str.lower().str.replace(r"[^a-z0-9]+", " ", regex=True).str.strip()
+    assert s["quality"] == pytest.approx((norm == df.reference).mean())
+    assert s["cost_if_last_tier"] == pytest.approx(40.0)
+
+
+def test_report_without_references(tmp_path):
+    job = write_job(tmp_path / "job", fixture_rows(), with_reference=False)
+    s = report.write_report(str(job), str(tmp_path / "rep"))
+    assert s["quality"] is None
+    assert "No `reference` column" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_history_flags_a_share_drift_and_not_a_stable_run(tmp_path):
+    root = tmp_path / "nightly"
+    for k in range(3):
+        d = write_job(root / f"night{k}", fixture_rows(60, 30))
+        (d / "job.json").write_text(json.dumps({"created": k}))
+    stable, _ = report.history(str(root))
+    doc, summary = report.history(str(root))
+    assert summary["drift"] == [] and summary["tests"] >= 3
+    d = write_job(root / "night3", fixture_rows(20, 70))          # far more escalation
+    (d / "job.json").write_text(json.dumps({"created": 3}))
+    doc, summary = report.history(str(root))
+    flagged = {(f["test"], f["tier"]) for f in summary["drift"]}
+    assert ("share", "small") in flagged and ("escalation rate", "small") in flagged
+    out = tmp_path / "trend"
+    res = CliRunner().invoke(main, ["report", "--history", str(root), "--out", str(out)])
+    assert res.exit_code == 0 and "DRIFT" in res.output
+    assert png_size(out / "history_shares.png") == (640, 400)
+    assert len(json.loads((out / "history.json").read_text())["runs"]) == 4
+
+
+def test_report_of_a_missing_job_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "error:" in res.output
