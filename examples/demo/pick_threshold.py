@@ -1,11 +1,12 @@
 """Choose the demo's escalation threshold from a calibration job in which both tiers answered
 every row (examples/demo/calibrate.yaml). For every candidate threshold on tier 0's first-token
 log-probability it computes, from the job's results, the cascade's quality (normalised label
-match) and cost; it prints the frontier and picks the threshold that lies furthest above the
-straight line between the two fixed tiers (the quality a random mix of the fixed tiers would
-get at the same cost): the point where the cascade adds most over mixing.
+match) and cost; it prints the frontier and picks the cheapest threshold whose quality reaches
+TARGET (default 0.9) of tier 1's quality, the budget mode of `cascade calibrate` in miniature.
+The `above mix` column is the cascade's quality minus what a random mix of the two fixed tiers
+gets at the same cost: where it is negative, cascading does not pay on this pair.
 
-    .venv/bin/python examples/demo/pick_threshold.py runs/demo-calibration
+    .venv/bin/python examples/demo/pick_threshold.py runs/demo-calibration [TARGET]
 """
 
 import sys
@@ -14,7 +15,8 @@ import duckdb
 import numpy as np
 
 
-def main(job_dir: str):
+def main(job_dir: str, target: str = "0.9"):
+    target = float(target)
     rows = duckdb.sql(f"""
         SELECT tiers[1].first_logprob AS fl, tiers[1].cost AS c0, tiers[2].cost AS c1,
                trim(regexp_replace(lower(tiers[1].response), '[^a-z]+', ' ', 'g')) = reference AS q0,
@@ -28,7 +30,7 @@ def main(job_dir: str):
     slope = (fixed1[1] - fixed0[1]) / (fixed1[0] - fixed0[0])
     print(f"{n} rows. tier 0 alone: quality {fixed0[1]:.3f} cost/row {fixed0[0]:.1f}; "
           f"tier 1 alone: quality {fixed1[1]:.3f} cost/row {fixed1[0]:.1f}")
-    best = None
+    best, best_mix = None, None
     print(f"{'threshold':>10} {'escalated':>9} {'quality':>8} {'cost/row':>9} {'vs tier1 cost':>13} {'above mix':>9}")
     for th in np.quantile(fl, np.linspace(0.05, 0.95, 19)):
         esc = fl < th
@@ -36,9 +38,16 @@ def main(job_dir: str):
         c = (c0 + esc * c1).mean()
         gain = q - (fixed0[1] + slope * (c - fixed0[0]))
         print(f"{th:10.3f} {esc.mean():9.2f} {q:8.3f} {c:9.1f} {c / fixed1[0]:13.2f} {gain:9.3f}")
-        if best is None or gain > best[0]:
+        if q >= target * fixed1[1] and (best is None or c < best[3]):
             best = (gain, th, q, c)
-    print(f"chosen threshold {best[1]:.3f}: quality {best[2]:.3f} at {best[3] / fixed1[0]:.2f} of tier 1's cost")
+        if best_mix is None or gain > best_mix[0]:
+            best_mix = (gain, th, q, c)
+    if best is None:
+        print(f"no threshold reaches {target:.0%} of tier 1's quality")
+    else:
+        print(f"chosen threshold {best[1]:.3f}: the cheapest reaching {target:.0%} of tier 1's quality: "
+              f"quality {best[2]:.3f} at {best[3] / fixed1[0]:.2f} of tier 1's cost")
+    print(f"furthest above the fixed-tier mix: threshold {best_mix[1]:.3f}, {best_mix[0]:+.3f}")
 
 
 if __name__ == "__main__":

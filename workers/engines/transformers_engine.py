@@ -16,11 +16,36 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_tokenizer(path):
+    """The fast tokenizer straight from tokenizer.json (1.1 s instead of 2.6 s for gemma-3's
+    262k-token vocabulary, whose JSON AutoTokenizer also parses in Python); AutoTokenizer when
+    there is no tokenizer.json. Token ids are the same (tests/test_e2e_models.py checks)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    special = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
+    template = path / "chat_template.jinja"
+    if template.exists():
+        tok.chat_template = template.read_text()
+    elif isinstance(cfg.get("chat_template"), str):
+        tok.chat_template = cfg["chat_template"]
+    return tok
+
+
 class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, tier):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from concurrent.futures import ThreadPoolExecutor
+
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -32,11 +57,13 @@ class TransformersEngine(Engine):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = _DTYPES.get(tier.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        with ThreadPoolExecutor(1) as pool:          # the tokenizer parses while weights load
+            tok = pool.submit(load_tokenizer, path)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+            self.tokenizer = tok.result()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
         self.context_length = int(tier.context or limit)
