@@ -24,6 +24,9 @@ def demo_job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     rows = pd.read_parquet(ROOT / "examples/demo/prompts.parquet").head(12)
     rows.loc[len(rows)] = {"id": "empty", "prompt": "", "reference": "positive", "review": ""}
+    rows.loc[len(rows)] = {"id": "chat", "prompt": None, "reference": "positive", "review": ""}
+    rows["messages"] = [None] * (len(rows) - 1) + [[{"role": "user", "content":
+                        "Is the review 'a great movie' positive or negative? One word."}]]
     rows.to_parquet(tmp / "in.parquet")
     spec = (ROOT / "examples/demo/job.yaml").read_text()
     spec = (spec.replace("input: examples/demo/prompts.parquet", f"input: {tmp / 'in.parquet'}")
@@ -39,9 +42,17 @@ def demo_job(tmp_path_factory):
 def test_answers_decisions_and_lineage(demo_job):
     job_dir, output = demo_job
     out = pd.read_parquet(job_dir / "results").set_index("id")
-    assert len(out) == 13
+    assert len(out) == 14
     assert out.loc["empty", "status"] == "error" and out.loc["empty", "error"] == "empty prompt"
-    ok = out[out.status == "ok"]
+    # A chat row: SmolLM2 renders it with its chat template; gemma-3-270m (a base model) has
+    # none, so if the row escalates it fails there and keeps SmolLM2's answer.
+    chat = out.loc["chat"]
+    assert chat.tiers[0]["status"] == "ok" and chat.tiers[0]["prompt_tokens"] > 10
+    if len(chat.tiers_run) == 2:
+        assert chat.status == "error" and "chat template" in chat.error and chat.final_tier == 0
+    else:
+        assert chat.status == "ok"
+    ok = out[(out.status == "ok") & (out.index != "chat")]
     answers = ok.response.str.strip().str.lower()
     assert answers.isin(["positive", "negative"]).mean() >= 0.9      # the few-shot format holds
     for rid, r in ok.iterrows():

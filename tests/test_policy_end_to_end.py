@@ -150,3 +150,25 @@ def test_cli_errors_name_the_problem(tmp_path):
 def test_commands_have_help():
     for name, cmd in main.commands.items():
         assert cmd.help and "Example:" in cmd.help, name
+
+
+def test_cli_eval_writes_the_papers_tables_through_the_report_renderer(tmp_path):
+    import struct
+
+    three_tier(1200, seed=3).to_parquet(tmp_path / "logs.parquet")
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "logs.parquet"), "--out", str(out),
+                                    "--max-t", "1000"])
+    assert res.exit_code == 0, res.output
+    md = (out / "report.md").read_text()
+    for heading in ("paper Table 1", "paper Table 2", "paper Table 3", "paper Figure 1"):
+        assert heading in md
+    assert "13.1, 121.9, 1389.0" in md                 # where the paper disagrees with itself
+    assert md == (out / "summary.md").read_text()
+    html = (out / "report.html").read_text()
+    for png in ("frontier.png", "selection.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (640, 400)
+    assert html.count("data:image/png;base64,") >= 2
+    s = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(s["gain"]) and s["online"]["table"][-1]["T"] == 1000
