@@ -180,3 +180,44 @@ def test_worker_killed_mid_unit_then_resume(tmp_path, tier_names, own_redis):
     finally:
         for w in workers:
             stop(w)
+
+
+@pytest.mark.skipif(not redis_up(MAIN_REDIS), reason="no Redis at 127.0.0.1:6379")
+def test_cli_submit_status_cancel_resume_report(tmp_path, tier_names, monkeypatch):
+    import json as _json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    spec = make_spec(tmp_path, 30, tier_names)
+    raw = {"name": "cli", "input": spec.input, "output": spec.output, "shard_rows": 10,
+           "tiers": [{"name": t.name, "model": "scripted", "engine": "scripted"} for t in spec.tiers],
+           "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("CASCADE_BROKER", MAIN_REDIS)
+    run = CliRunner()
+    res = run.invoke(main, ["submit", str(tmp_path / "job.yaml")])
+    assert res.exit_code == 0, res.output
+    job_dir = res.output.strip().splitlines()[-1]
+    res = run.invoke(main, ["cancel", job_dir])            # before any worker runs
+    assert res.exit_code == 0 and "state cancelled" in res.output
+    workers = [start_worker(t, MAIN_REDIS, tmp_path / f"{t}.log") for t in tier_names]
+    try:
+        time.sleep(1.5)                                    # workers drain and skip the units
+        st = _json.loads(run.invoke(main, ["status", job_dir, "--json"]).output)
+        assert st["state"] == "cancelled" and st["tiers"][0]["rows_done"] == 0
+        res = run.invoke(main, ["resume", job_dir])
+        assert res.exit_code == 0 and "re-enqueued 3 units" in res.output
+        wait_done(job_dir)
+        res = run.invoke(main, ["status", job_dir])
+        assert "state done" in res.output and "tier 0" in res.output
+        res = run.invoke(main, ["report", job_dir])
+        assert res.exit_code == 0 and "Escalation funnel" in res.output
+        check_results(job_dir, 30)
+    finally:
+        for w in workers:
+            stop(w)
+    res = run.invoke(main, ["submit", str(tmp_path / "job.yaml")])
+    assert res.exit_code == 2 and "a job already lives here" in res.output

@@ -274,3 +274,41 @@ def test_fsspec_output_directory_and_report(tmp_path):
     assert len(out) == 25 and out.id.is_unique
     s = report.summarize(job.dir)
     assert s["rows"] == 25 and s["cost_total"] == pytest.approx(out.cost.sum())
+
+
+def test_artifact_policy_in_a_job_decides_exactly_as_offline_replay(tmp_path):
+    """A calibrated artifact drives a job (start tier from the prompt, skips, kept answers); the
+    same policy replayed offline on a log of the very outputs the engines give must choose the
+    same tiers and the same kept answer for every row."""
+    from cascade.artifact import save_policy
+    from cascade.calibrate import fit_policy
+    from cascade.ladder import load_ladder
+    from cascade.runtime import replay
+    from tests.doubles import ScriptedEngine
+    from tests.synthetic import three_tier
+
+    policy, _ = fit_policy(load_ladder(three_tier(900, seed=5), require_quality=True))
+    save_policy(policy, tmp_path / "policy")
+    logs = three_tier(120, seed=6)
+    first = logs[logs.tier == 0]
+    pd.DataFrame({"id": first.row_id, "prompt": first.prompt, "category": first.category}).to_parquet(
+        tmp_path / "in.parquet")
+    spec = make_spec(tmp_path, tmp_path / "in.parquet", policy={"artifact": str(tmp_path / "policy")})
+    job = run_embedded(spec, engine_factory=scripted_factory())
+    out = results(job.dir).set_index("id")
+    assert out.tiers.map(lambda ts: all(t["p_quality"] is not None for t in ts)).all()
+
+    # The replay-format log of what each tier's engine answers for each row.
+    rows = []
+    for t, ts in enumerate(spec.tiers):
+        engine = ScriptedEngine(ts)
+        gens = engine.generate(list(first.prompt), ts.sampling)
+        for rid, prompt, cat, g in zip(first.row_id, first.prompt, first.category, gens):
+            rows.append({"row_id": rid, "tier": t, "prompt": prompt, "output": g.text,
+                         "cost": ts.cost.per_input_token * g.prompt_tokens + ts.cost.per_output_token * g.output_tokens,
+                         "mean_logprob": g.features()["mean_logprob"], "category": cat})
+    ladder = load_ladder(pd.DataFrame(rows), schema=policy.schema)
+    offline = replay(policy, ladder, [policy.default_label]).set_index("row_id")
+    assert (offline.loc[out.index, "tiers_run"].map(list) == out.tiers_run.map(list)).all()
+    assert (offline.loc[out.index, "final_tier"] == out.final_tier).all()
+    assert out.tiers_run.map(lambda r: r[0]).nunique() >= 1 and (out.tiers_run.map(len) >= 1).all()
