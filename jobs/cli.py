@@ -202,5 +202,25 @@ def report(job_dir, out_dir, history):
         _fail(exc)
 
 
+@main.command()
+@click.argument("job_dir", metavar="JOB")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="LOGS.parquet in the replay format (for cascade calibrate).")
+def logs(job_dir, out_path):
+    """Export the job's rows on which every tier ran as replay-format logs, with quality from
+    the references: run a calibration job (rule threshold 0) on labelled rows, then calibrate.
+
+    Example: cascade logs runs/demo-calibration --out logs.parquet && cascade calibrate logs.parquet --out policy/
+    """
+    from jobs import report as rep
+
+    try:
+        info = rep.export_logs(job_dir, out_path)
+    except Exception as exc:
+        _fail(exc)
+    click.echo(f"wrote {info['rows']} rows x {info['tiers']} tiers to {out_path}"
+               + ("" if info["quality"] else " (no references: no quality column)"))
+
+
 if __name__ == "__main__":
     main()

@@ -312,3 +312,29 @@ def write_history(root: str, out_dir: str) -> dict:
     out = doc.write(out_dir, stem="history")
     (out / "history.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
+
+
+def export_logs(job_dir: str, out_path: str) -> dict:
+    """Write the job's fully-run rows (every tier answered) in the replay format, with `quality`
+    from the normalised label match when references exist: the input of `cascade calibrate`.
+    A job whose rule escalates every row (threshold 0) or a large audit share produces them."""
+    con = connect(job_dir)
+    query = sql_text("replay_logs").rstrip().rstrip(";")
+    if has_reference(con):
+        query = f"""
+        CREATE OR REPLACE TEMP MACRO norm_label(s) AS trim(regexp_replace(lower(s), '[^a-z0-9]+', ' ', 'g'));
+        WITH logs AS (
+{query}
+        ),
+        refs AS (SELECT id, reference FROM read_parquet(getvariable('job') || '/results/*.parquet'))
+        SELECT logs.*, (norm_label(logs.output) = norm_label(refs.reference)
+                        OR starts_with(norm_label(logs.output), norm_label(refs.reference) || ' '))::DOUBLE AS quality
+        FROM logs JOIN refs ON logs.row_id = refs.id ORDER BY row_id, tier"""
+    frame = con.execute(query).df()
+    if frame.empty:
+        raise ValueError(f"{job_dir}: no row ran on every tier; run a calibration job whose rule "
+                         f"escalates every row (threshold: 0) or with audit_share 1")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out_path, index=False)
+    return {"rows": int(frame.row_id.nunique()), "tiers": int(frame.tier.nunique()),
+            "quality": "quality" in frame.columns}

@@ -312,3 +312,38 @@ def test_artifact_policy_in_a_job_decides_exactly_as_offline_replay(tmp_path):
     assert (offline.loc[out.index, "tiers_run"].map(list) == out.tiers_run.map(list)).all()
     assert (offline.loc[out.index, "final_tier"] == out.final_tier).all()
     assert out.tiers_run.map(lambda r: r[0]).nunique() >= 1 and (out.tiers_run.map(len) >= 1).all()
+
+
+def test_calibration_loop_job_to_logs_to_artifact_to_job(tmp_path):
+    """A job that runs every tier on labelled rows -> `cascade logs` -> calibrate -> a job with
+    the artifact. The logs carry the run-time log-probability features as output columns."""
+    from click.testing import CliRunner
+
+    from cascade.artifact import load_policy
+    from jobs.cli import main
+
+    n = 300
+    pd.DataFrame({"prompt": [f"question {i} w{i % 7}" for i in range(n)],
+                  "reference": [f"big:w{i % 7}" if i % 3 else f"small:w{i % 7}" for i in range(n)]}
+                 ).to_parquet(tmp_path / "cal.parquet")
+    spec = make_spec(tmp_path, tmp_path / "cal.parquet", output=str(tmp_path / "cal-job"),
+                     policy={"rule": {"feature": "first_logprob", "threshold": 0.0}})
+    run_embedded(spec, engine_factory=scripted_factory())
+    res = CliRunner().invoke(main, ["logs", str(tmp_path / "cal-job"), "--out", str(tmp_path / "logs.parquet")])
+    assert res.exit_code == 0, res.output
+    logs = pd.read_parquet(tmp_path / "logs.parquet")
+    assert len(logs) == 3 * n and set(logs.tier) == {0, 1, 2}
+    assert {"quality", "mean_logprob", "first_logprob", "cost"} <= set(logs.columns)
+    expect = (logs.output.str.lower().str.replace(r"[^a-z0-9]+", " ", regex=True).str.strip()
+              == logs.row_id.map(dict(zip([f"cal:{i}" for i in range(n)],
+                                          pd.read_parquet(tmp_path / "cal.parquet").reference
+                                          .str.replace(":", " ")))))
+    assert (logs.quality == expect.astype(float)).all()
+    res = CliRunner().invoke(main, ["calibrate", str(tmp_path / "logs.parquet"), "--out", str(tmp_path / "pol"),
+                                    "--epochs", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "mean_logprob" in load_policy(tmp_path / "pol").schema["output_num"]
+    job = run_embedded(make_spec(tmp_path, tmp_path / "cal.parquet", output=str(tmp_path / "art-job"),
+                                 policy={"artifact": str(tmp_path / "pol")}),
+                       engine_factory=scripted_factory())
+    assert len(results(job.dir)) == n
