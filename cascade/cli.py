@@ -18,7 +18,8 @@ def _fail(exc: Exception):
 
 @click.group()
 def main():
-    """Batch LLM cascades: calibrate a stopping policy, replay it on logs, evaluate it."""
+    """Batch LLM cascades: run jobs over Parquet on a ladder of models, report on them, and
+    calibrate, replay and evaluate the stopping policy that decides who answers each row."""
 
 
 @main.command()
