@@ -135,7 +135,9 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         seconds=time.perf_counter() - t0, rows=N, tier_quality=(mean_q * q_span + q_lo).tolist(),
         tier_cost=mean_c.tolist(), best_tier=best, predictor_metrics=metrics,
         points=[{"label": r.point.label, "lambda": r.point.lam / cost_unit,
-                 "cost": r.point.cal_cost, "quality": r.point.cal_quality} for r in points],
+                 "cost": r.point.cal_cost, "quality": r.point.cal_quality,
+                 # selection shares on the calibration rows: the baseline for drift checks
+                 "shares": [float(np.mean(r.final_tier == t)) for t in range(n)]} for r in points],
         budget=None if budget_choice is None else vars(budget_choice) | {"label": default.point.label},
     )
     policy.calibration = vars(report)

@@ -202,6 +202,22 @@ def _z_two_prop(k1, n1, k0, n0) -> tuple[float, float]:
     return z, float(2 * stats.norm.sf(abs(z)))
 
 
+def calibration_shares(meta: dict) -> tuple[list[float], int] | None:
+    """(predicted share of rows answered by each tier, calibration rows) for a job whose policy
+    is a calibrated artifact, at the operating point the job used; None for a rule policy."""
+    pol = meta.get("spec", {}).get("policy", {})
+    art = pol.get("artifact")
+    if not art or not (Path(art) / "policy.json").exists():
+        return None
+    doc = json.loads((Path(art) / "policy.json").read_text())
+    cal = doc.get("calibration", {})
+    label = pol.get("point") or doc.get("default_point") or doc.get("default_label")
+    for p in cal.get("points", []):
+        if p.get("label") == label and "shares" in p:
+            return p["shares"], int(cal.get("rows", 0))
+    return None
+
+
 def job_dirs(root: str) -> list[Path]:
     found = [p.parent for p in Path(root).glob("*/job.json") if list(p.parent.glob("results/*.parquet"))]
     return sorted(found, key=lambda d: json.loads((d / "job.json").read_text()).get("created", 0))
@@ -231,7 +247,7 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
             c["predicted"] += r["predicted"] * r["rows"]
             c["var"] += r["rows"] * r["predicted"] * (1 - r["predicted"])
         runs.append({"job": d.name, "created": meta.get("created"), "summary": s, "funnel": funnel,
-                     "audit": audit, "calibration": calib})
+                     "audit": audit, "calibration": calib, "predicted_shares": calibration_shares(meta)})
     names = [t["name"] for t in runs[-1]["summary"]["tiers"]]
     doc = Doc(f"Nightly history: {root}")
     rows = []
@@ -258,6 +274,15 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
         "Escalation and error rates", "run (oldest first)", "rate"), "Escalation and error rates across runs")
 
     tests = []
+    last = runs[-1]
+    if last["predicted_shares"]:            # against what the calibration predicts
+        shares, n_cal = last["predicted_shares"]
+        n1 = last["summary"]["rows"]
+        for i, n in enumerate(names):
+            if i < len(shares) and n_cal:
+                k1 = last["summary"]["tiers"][i]["rows"]
+                tests.append(("share vs calibration", n, k1 / max(n1, 1), shares[i],
+                              *_z_two_prop(k1, n1, round(shares[i] * n_cal), n_cal)))
     if len(runs) >= 2:
         last, earlier = runs[-1], runs[:-1]
         for i, n in enumerate(names):
@@ -295,7 +320,9 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
             flagged.append({"test": kind, "tier": n, "latest": now, "baseline": before, "z": z, "p_bonferroni": padj})
     doc.h2("Drift: the latest run against all earlier runs")
     doc.p(f"Two-proportion z-tests (share of rows answered, escalation rate, audit agreement) of "
-          f"the latest run against all earlier runs pooled; for calibration, (observed correct - "
+          f"the latest run against all earlier runs pooled; for a calibrated policy also each "
+          f"tier's share against the share the calibration predicted at the job's operating point "
+          f"(two-proportion, the calibration rows as the second sample); for calibration, (observed correct - "
           f"sum of predicted probabilities) / sqrt(sum p(1-p)) on the latest run's referenced rows. "
           f"p-values Bonferroni-corrected across the {m} tests; drift flagged at p < {alpha}.")
     doc.table(["test", "tier", "latest", "baseline", "z", "p_bonferroni", "drift"], table,

@@ -179,3 +179,25 @@ def test_history_flags_a_share_drift_and_not_a_stable_run(tmp_path):
 def test_report_of_a_missing_job_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_history_tests_shares_against_the_calibration_prediction(tmp_path):
+    """A job run with a calibrated artifact: its tiers' shares are tested against the shares
+    the calibration predicted at the job's operating point (policy.json)."""
+    pol = tmp_path / "policy"
+    pol.mkdir()
+    (pol / "policy.json").write_text(json.dumps({"default_point": "p01", "calibration": {
+        "rows": 2000, "points": [{"label": "p00", "shares": [0.9, 0.1]},
+                                 {"label": "p01", "shares": [0.62, 0.38]}]}}))
+    root = tmp_path / "nightly"
+    spec = {"policy": {"artifact": str(pol), "point": None}}
+    d = write_job(root / "a", fixture_rows(60, 30))          # shares 0.66 / 0.33: as predicted
+    (d / "job.json").write_text(json.dumps({"created": 0, "spec": spec}))
+    _, summary = report.history(str(root))
+    assert summary["drift"] == []
+    doc, _ = report.history(str(root))
+    assert "share vs calibration" in doc.markdown()
+    d = write_job(root / "b", fixture_rows(90, 5))           # 0.94 answered by small: drift
+    (d / "job.json").write_text(json.dumps({"created": 1, "spec": spec}))
+    _, summary = report.history(str(root))
+    assert ("share vs calibration", "small") in {(f["test"], f["tier"]) for f in summary["drift"]}
