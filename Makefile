@@ -28,6 +28,8 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/job_bench.py
+	$(BIN)/python bench/orchestration_bench.py
+	$(BIN)/python bench/report_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
