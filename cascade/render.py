@@ -192,3 +192,21 @@ def lines_png(x: list, series: dict[str, list[float]], title: str, xlabel: str, 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def reliability_png(curves: dict[str, list[tuple[float, float, int]]], title: str) -> bytes:
+    """Calibration curves: name -> [(predicted, observed, rows)] per bin, with the diagonal."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.plot([0, 1], [0, 1], color="#999", linestyle="--", label="perfect calibration")
+    for name, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.set_xlabel("predicted probability the answer is right")
+    ax.set_ylabel("observed share right")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)

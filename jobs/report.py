@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 from scipy import stats
 
-from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lines_png
+from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lines_png, reliability_png
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "errors",
@@ -154,6 +154,12 @@ def build(job_dir: str) -> tuple[Doc, dict]:
                                          "stopped": [r["stopped"] for r in f],
                                          "escalated": [r["escalated"] for r in f]},
                 "Escalation funnel", "rows"), "Rows entering, stopping and escalating at each tier")
+        elif name == "calibration":
+            curves = {}
+            for r in _dicts(res, "calibration"):
+                curves.setdefault(r["name"], []).append((r["predicted"], r["observed"], r["rows"]))
+            doc.image("calibration.png", reliability_png(curves, "Predicted against observed quality"),
+                      "Calibration of the policy's quality predictions (rows with references)")
         elif name == "cost_per_tier":
             doc.image("cost_per_tier.png", bar_png(names, [t["cost"] for t in summary["tiers"]],
                                                    "Cost spent per tier", "cost (configured units)"),

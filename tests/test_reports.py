@@ -129,10 +129,10 @@ def test_report_files_and_summary_equal_an_independent_count(job, tmp_path):
     out = tmp_path / "rep"
     res = CliRunner().invoke(main, ["report", job, "--out", str(out)])
     assert res.exit_code == 0, res.output
-    for name in ("selection", "funnel", "cost_per_tier", "frontier"):
+    for name in ("selection", "funnel", "cost_per_tier", "frontier", "calibration"):
         assert png_size(out / f"{name}.png") == (640, 400)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "src=\"selection.png\"" not in html
+    assert html.count("data:image/png;base64,") == 5 and "src=\"selection.png\"" not in html
     assert "## Escalation funnel" in (out / "report.md").read_text()
     s = json.loads((out / "summary.json").read_text())
     df = pd.read_parquet(f"{job}/results")
