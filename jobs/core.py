@@ -349,76 +349,92 @@ TIER_STRUCT = pa.struct([
 ])
 
 
-def _final_columns(table: pa.Table, spec: JobSpec, policy_version: str, job_id: str) -> pa.Table:
-    traces = [json.loads(s) for s in table.column("trace").to_pylist()]
-    kept = table.column("kept_tier").to_pylist()
-    names = [t.name for t in spec.tiers]
-    response, final, final_name, run, tiers, status, error, cost, secs = ([] for _ in range(9))
-    for tr, k in zip(traces, kept):
-        last = tr[-1]
-        rec = next((x for x in tr if x["tier"] == k), None) if k is not None else None
-        response.append(rec["response"] if rec else None)
-        final.append(k)
-        final_name.append(names[k] if k is not None else None)
-        run.append([x["tier"] for x in tr])
-        status.append("ok" if last["status"] == "ok" else "error")
-        error.append(last["error"])
-        cost.append(float(sum(x["cost"] for x in tr)))
-        secs.append(float(sum(x["seconds"] for x in tr)))
-        tiers.append([{
-            "tier": x["tier"], "name": x["name"], "status": x["status"], "error": x["error"],
-            "response": x["response"], "finish_reason": x["finish_reason"],
-            "prompt_tokens": x["prompt_tokens"], "output_tokens": x["output_tokens"],
-            "first_logprob": x["features"].get("first_logprob"),
-            "mean_logprob": x["features"].get("mean_logprob"),
-            "min_logprob": x["features"].get("min_logprob"),
-            "p_quality": (x["p_quality"][x["tier"]] if x.get("p_quality") else None),
-            "decision": x.get("decision"), "audit": x.get("audit", False),
-            "seconds": x["seconds"], "cost": x["cost"]} for x in tr])
-    n = table.num_rows
-    out = {
-        "id": table.column("id"), "prompt": table.column("prompt"),
-        "response": pa.array(response, pa.string()),
-        "final_tier": pa.array(final, pa.int32()), "final_tier_name": pa.array(final_name, pa.string()),
-        "tiers_run": pa.array(run, pa.list_(pa.int32())), "tiers": pa.array(tiers, pa.list_(TIER_STRUCT)),
-        "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string()),
-        "cost": pa.array(cost, pa.float64()), "seconds": pa.array(secs, pa.float64()),
-        "policy_version": pa.array([policy_version] * n, pa.string()),
-        "job_id": pa.array([job_id] * n, pa.string()),
-    }
-    skip = set(out) | {"trace", "next_tier", "kept_tier", "source_file"}
-    for c in table.column_names:
-        if c not in skip:
-            out[c] = table.column(c)
-    out["source_file"] = table.column("source_file")
-    return pa.table(out)
+_TRACE_JSON = json.dumps([{
+    "tier": "INTEGER", "name": "VARCHAR", "status": "VARCHAR", "error": "VARCHAR",
+    "response": "VARCHAR", "finish_reason": "VARCHAR", "prompt_tokens": "INTEGER",
+    "output_tokens": "INTEGER", "features": {"first_logprob": "DOUBLE", "mean_logprob": "DOUBLE",
+                                              "min_logprob": "DOUBLE"},
+    "p_quality": ["DOUBLE"], "decision": "VARCHAR", "audit": "BOOLEAN", "kept": "INTEGER",
+    "seconds": "DOUBLE", "cost": "DOUBLE"}])
+
+_FINAL_SQL = """
+WITH term AS (
+  SELECT * EXCLUDE (next_tier), from_json(trace, $spec) AS tr
+  FROM read_parquet($results, union_by_name = true) WHERE next_tier IS NULL
+),
+ord AS (
+  SELECT id AS oid, regexp_extract(filename, 's([0-9]+)[.]parquet$', 1)::BIGINT AS shard,
+         file_row_number AS pos
+  FROM read_parquet($routed, filename = true, file_row_number = true)
+)
+SELECT term.id, term.prompt,
+       list_filter(tr, lambda x: x.tier = term.kept_tier)[1].response AS response,
+       term.kept_tier AS final_tier,
+       $names[term.kept_tier + 1] AS final_tier_name,
+       list_transform(tr, lambda x: x.tier) AS tiers_run,
+       list_transform(tr, lambda x: {
+         'tier': x.tier, 'name': x.name, 'status': x.status, 'error': x.error,
+         'response': x.response, 'finish_reason': x.finish_reason,
+         'prompt_tokens': x.prompt_tokens, 'output_tokens': x.output_tokens,
+         'first_logprob': x.features.first_logprob, 'mean_logprob': x.features.mean_logprob,
+         'min_logprob': x.features.min_logprob, 'p_quality': x.p_quality[x.tier + 1],
+         'decision': x.decision, 'audit': coalesce(x.audit, false), 'seconds': x.seconds,
+         'cost': x.cost}) AS tiers,
+       CASE WHEN tr[-1].status = 'ok' THEN 'ok' ELSE 'error' END AS status,
+       tr[-1].error AS error,
+       list_sum(list_transform(tr, lambda x: x.cost))::DOUBLE AS cost,
+       list_sum(list_transform(tr, lambda x: x.seconds))::DOUBLE AS seconds,
+       $version AS policy_version, $job_id AS job_id,
+       term.* EXCLUDE (id, prompt, trace, kept_tier, source_file, tr),
+       term.source_file
+FROM term JOIN ord ON term.id = ord.oid
+ORDER BY ord.shard, ord.pos
+"""
 
 
 def finalize(job: Job):
     """Write results/: the terminal row of every input row (the one with no next tier), with its
-    lineage, in input-shard order. Checks that every input row comes out exactly once."""
+    lineage, in input order, exactly once each. DuckDB does the work (filtering, parsing the
+    lineage JSON, joining to the input order, sorting) out of core; the rows stream to Parquet
+    parts, so memory does not grow with the job."""
+    import duckdb
+
     store, manifest = job.store, job.manifest()
-    terminal = []
-    for u in sorted(manifest["units"].values(), key=lambda u: (u["tier"], u["id"])):
-        t = store.read_table(u["result"])
-        terminal.append(t.filter(pc.is_null(t.column("next_tier"))))
-    # Rows routed to no tier at all cannot happen (start() always names one); keep the check honest.
-    table = pa.concat_tables(terminal, promote_options="permissive")
-    ids = table.column("id")
-    if table.num_rows != manifest["rows"] or pc.count_distinct(ids).as_py() != table.num_rows:
-        raise RuntimeError(f"job {job.id}: {table.num_rows} terminal rows "
-                           f"({pc.count_distinct(ids).as_py()} distinct) for {manifest['rows']} input rows")
-    order = {}
-    for k, name in enumerate(store.glob("routed/*.parquet")):
-        for j, rid in enumerate(store.read_table(name).column("id").to_pylist()):
-            order[rid] = (k, j)
-    pos = np.array([order[r] for r in ids.to_pylist()])
-    table = table.take(pa.array(np.lexsort((pos[:, 1], pos[:, 0]))))
-    final = _final_columns(table, job.spec, job.meta["policy_version"], job.id)
+    results = [store.uri(u["result"]) for u in sorted(manifest["units"].values(),
+                                                       key=lambda u: (u["tier"], u["id"]))]
+    routed = [store.uri(r) for r in store.glob("routed/*.parquet")]
+    con = duckdb.connect()
+    if not store.local:
+        con.register_filesystem(store.fs)
+    params = {"spec": _TRACE_JSON, "results": results, "routed": routed,
+              "names": [t.name for t in job.spec.tiers], "version": job.meta["policy_version"],
+              "job_id": job.id}
+    n, distinct = con.execute(
+        "SELECT count(*), count(DISTINCT id) FROM read_parquet($results, union_by_name = true) "
+        "WHERE next_tier IS NULL", {"results": results}).fetchall()[0]
+    if n != manifest["rows"] or distinct != n:
+        raise RuntimeError(f"job {job.id}: {n} terminal rows ({distinct} distinct) for "
+                           f"{manifest['rows']} input rows")
+    reader = con.sql(_FINAL_SQL, params=params).to_arrow_reader(65536)
     store.remove("results")
     step = max(job.spec.shard_rows * 16, 65536)
-    for k, start in enumerate(range(0, final.num_rows, step)):
-        store.write_table(f"results/part-{k:05d}.parquet", final.slice(start, step))
+    pending, size, part = [], 0, 0
+
+    def flush():
+        nonlocal pending, size, part
+        table = pa.Table.from_batches(pending)
+        table = table.set_column(table.column_names.index("tiers"), "tiers",
+                                 table.column("tiers").cast(pa.list_(TIER_STRUCT)))
+        store.write_table(f"results/part-{part:05d}.parquet", table)
+        pending, size, part = [], 0, part + 1
+
+    for batch in reader:
+        pending.append(batch)
+        size += batch.num_rows
+        if size >= step:
+            flush()
+    if pending:
+        flush()
 
 
 # ---------------------------------------------------------------- control
