@@ -34,7 +34,15 @@ def render_status(st: dict, tty: bool) -> str:
     return "\n".join(lines)
 
 
-def _progress(st):
+_LAST = [0.0]
+
+
+def _progress(st, every: float = 5.0):
+    """Status on stderr while an embedded job runs: at most every `every` seconds, and at the end."""
+    now = time.monotonic()
+    if st["state"] == "running" and now - _LAST[0] < every:
+        return
+    _LAST[0] = now
     click.echo(render_status(st, sys.stderr.isatty()), err=True)
 
 
