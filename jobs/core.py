@@ -69,10 +69,6 @@ class Job:
 
 # ---------------------------------------------------------------- submit
 
-def _rows(table: pa.Table) -> list[dict]:
-    return table.to_pylist()
-
-
 def submit(spec: JobSpec, *, broker: str | None = None, dispatch: Dispatch | None = None,
            overwrite: bool = False) -> Job:
     """Validate the input, write shards and the manifest, and enqueue the first units."""
@@ -95,9 +91,8 @@ def submit(spec: JobSpec, *, broker: str | None = None, dispatch: Dispatch | Non
     n = spec.shard_rows
     for k, start in enumerate(range(0, table.num_rows, n)):
         shard = table.slice(start, n)
-        rows = _rows(shard)
-        first = job.policy.start(rows) if spec.policy.artifact else [0] * len(rows)
-        shard = shard.append_column("trace", pa.array(["[]"] * len(rows), pa.string()))
+        first = job.policy.start(shard)
+        shard = shard.append_column("trace", pa.array(["[]"] * shard.num_rows, pa.string()))
         shard = shard.append_column("next_tier", pa.array(first, pa.int32()))
         name = f"routed/s{k:05d}.parquet"
         store.write_table(name, shard)
@@ -193,7 +188,7 @@ def execute(job: Job, unit: dict, engine) -> pa.Table:
     ts = spec.tiers[tier]
     table = job.store.read_table(unit["file"])
     table = table.filter(pc.equal(table.column("next_tier"), tier))   # a routed shard may hold
-    rows = _rows(table)                                                # rows starting elsewhere
+    rows = table.to_pylist()                                           # rows starting elsewhere
     prompts: list[str | None] = []
     errors: list[str | None] = []
     for r in rows:
@@ -283,13 +278,14 @@ def run_unit(job_dir: str, unit_id: str, *, engine_factory=None, dispatch: Dispa
             raise KeyError(f"job {job.id}: no unit {unit_id!r}")
         if manifest["state"] == "cancelled":
             return "cancelled"
-        if unit["state"] == "done" and job.store.exists(unit["result"]):
+        committed = job.store.exists(unit["result"])
+        if unit["state"] == "done" and committed:
             return "duplicate"
-        if not job.store.exists(unit["result"]):
+        if not committed:
             unit.update(state="running", attempts=unit["attempts"] + 1, worker=worker,
                         started=time.time())
             mf.save(job.store, manifest)
-    if not job.store.exists(unit["result"]):
+    if not committed:
         try:
             engine = (engine_factory or get_engine)(job.spec.tiers[unit["tier"]])
             t0 = time.perf_counter()
@@ -308,6 +304,22 @@ def run_unit(job_dir: str, unit_id: str, *, engine_factory=None, dispatch: Dispa
     return commit(job, unit_id, dispatch=dispatch, wall=wall)
 
 
+def _advance(job: Job, manifest: dict) -> list[dict]:
+    """Under the manifest lock: cut the units the outbox allows, save the manifest, and write
+    the results when every unit is done and nothing waits. Returns the new units."""
+    running = manifest["state"] == "running"
+    new = _cut_units(job, manifest) if running else []
+    finished = (running and not manifest["outbox"]
+                and all(u["state"] == "done" for u in manifest["units"].values()))
+    mf.save(job.store, manifest)
+    if finished:
+        finalize(job)
+        manifest["state"] = "done"
+        manifest["finished"] = time.time()
+        mf.save(job.store, manifest)
+    return new
+
+
 def commit(job: Job, unit_id: str, *, dispatch: Dispatch | None = None, wall: float | None = None) -> str:
     """Record a unit whose result file exists; move its escalations to the outbox; cut and
     enqueue new units; finalize the job when nothing is left."""
@@ -324,15 +336,7 @@ def commit(job: Job, unit_id: str, *, dispatch: Dispatch | None = None, wall: fl
                 unit["seconds"] = wall
             if targets:
                 manifest["outbox"][unit_id] = {"file": unit["result"], "targets": targets}
-        new = _cut_units(job, manifest) if manifest["state"] == "running" else []
-        finished = (manifest["state"] == "running" and not manifest["outbox"]
-                    and all(u["state"] == "done" for u in manifest["units"].values()))
-        mf.save(job.store, manifest)
-        if finished:
-            finalize(job)
-            manifest["state"] = "done"
-            manifest["finished"] = time.time()
-            mf.save(job.store, manifest)
+        new = _advance(job, manifest)
     if new and dispatch:
         dispatch(job.dir, new)
     return status
@@ -494,15 +498,7 @@ def resume(job_dir: str, dispatch: Dispatch) -> list[dict]:
     for uid in committed:
         commit(job, uid, dispatch=dispatch)
     with job.lock():                      # nothing committed: the outbox may still hold rows
-        manifest = job.manifest()
-        new = _cut_units(job, manifest)
-        finished = (not manifest["outbox"] and manifest["state"] == "running"
-                    and all(u["state"] == "done" for u in manifest["units"].values()))
-        mf.save(job.store, manifest)
-        if finished:
-            finalize(job)
-            manifest["state"] = "done"
-            mf.save(job.store, manifest)
+        new = _advance(job, job.manifest())
     units = todo + new
     if units:
         dispatch(job.dir, units)

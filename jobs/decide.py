@@ -28,8 +28,9 @@ class RulePolicy:
         self.feature = spec.policy.feature
         self.thresholds = spec.policy.thresholds
 
-    def start(self, rows) -> list[int]:
-        return [0] * len(rows)
+    def start(self, shard) -> list[int]:
+        """Starting tier of each row of a shard (a pyarrow Table): always tier 0."""
+        return [0] * shard.num_rows
 
     def decide(self, tier: int, rows: list[dict]) -> list[Decision]:
         out = []
@@ -68,7 +69,9 @@ class ArtifactPolicy:
             obs.reveal(t, [x["response"] or "" for x in recs], np.array([x["cost"] for x in recs]), feats)
         return obs
 
-    def start(self, rows: list[dict]) -> list[int]:
+    def start(self, shard) -> list[int]:
+        """Starting tier of each row of a shard (a pyarrow Table), from its prompt alone."""
+        rows = shard.to_pylist()
         if not rows:
             return []
         action, _, _ = self.policy.decide(self._observations(rows, ()), (), self.label)

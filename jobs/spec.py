@@ -17,7 +17,6 @@ class SpecError(CascadeError):
     """A job spec field is missing or wrong; the message starts with the field's path."""
 
 
-ENGINES = ("transformers", "vllm")
 RULE_FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
