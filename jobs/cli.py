@@ -193,17 +193,18 @@ def report(job_dir, out_dir, history):
     from jobs import report as rep
 
     try:
-        if history:
+        if history:                       # each report is built once, then printed and saved
             doc, summary = rep.history(job_dir)
             if out_dir:
-                rep.write_history(job_dir, out_dir)
+                rep.save(doc, summary, out_dir, stem="history")
             click.echo(doc.markdown())
             if summary["drift"]:
                 click.echo(f"DRIFT: {len(summary['drift'])} test(s) flagged", err=True)
             return
+        doc, summary = rep.build(job_dir)
         if out_dir:
-            rep.write_report(job_dir, out_dir)
-        click.echo(rep.text_report(job_dir))
+            rep.save(doc, summary, out_dir)
+        click.echo(doc.markdown())
         if out_dir:
             click.echo(f"wrote {out_dir}/report.md, report.html, *.png, summary.json")
     except Exception as exc:      # a missing or unfinished job, unreadable Parquet

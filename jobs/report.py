@@ -21,6 +21,13 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "errors",
            "latency", "audit", "calibration"]
 NEEDS_REFERENCE = {"quality", "calibration"}
+# The label scorer. Each .sql file that scores answers defines these macros itself, so that it
+# runs alone from the duckdb CLI; tests/test_reports.py checks every copy is this text.
+SCORER_MACROS = """\
+CREATE OR REPLACE TEMP MACRO norm_label(s) AS trim(regexp_replace(lower(s), '[^a-z0-9]+', ' ', 'g'));
+CREATE OR REPLACE TEMP MACRO label_match(resp, ref) AS
+  (norm_label(resp) = norm_label(ref) OR starts_with(norm_label(resp), norm_label(ref) || ' '));
+"""
 TITLES = {
     "selection": "Selection: which tier's answer each row kept",
     "funnel": "Escalation funnel",
@@ -183,10 +190,17 @@ def build(job_dir: str) -> tuple[Doc, dict]:
     return doc, summary
 
 
+def save(doc: Doc, summary: dict, out_dir: str, stem: str = "report") -> Path:
+    """Write a built report: STEM.md, STEM.html, its PNGs, and the summary as JSON."""
+    out = doc.write(out_dir, stem=stem)
+    name = "summary.json" if stem == "report" else f"{stem}.json"
+    (out / name).write_text(json.dumps(summary, indent=1, default=float))
+    return out
+
+
 def write_report(job_dir: str, out_dir: str) -> dict:
     doc, summary = build(job_dir)
-    out = doc.write(out_dir)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    save(doc, summary, out_dir)
     return summary
 
 
@@ -342,31 +356,35 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
 
 def write_history(root: str, out_dir: str) -> dict:
     doc, summary = history(root)
-    out = doc.write(out_dir, stem="history")
-    (out / "history.json").write_text(json.dumps(summary, indent=1, default=float))
+    save(doc, summary, out_dir, stem="history")
     return summary
 
 
-def export_logs(job_dir: str, out_path: str) -> dict:
-    """Write the job's fully-run rows (every tier answered) in the replay format, with `quality`
-    from the normalised label match when references exist: the input of `cascade calibrate`.
-    A job whose rule escalates every row (threshold 0) or a large audit share produces them."""
+def replay_logs(job_dir: str):
+    """The job's fully-run rows (every tier answered) in the replay format, as a DataFrame, with
+    `quality` from the reports' label scorer (SCORER_MACROS) when references exist."""
     con = connect(job_dir)
     query = sql_text("replay_logs").rstrip().rstrip(";")
     if has_reference(con):
+        con.execute(SCORER_MACROS)
         query = f"""
-        CREATE OR REPLACE TEMP MACRO norm_label(s) AS trim(regexp_replace(lower(s), '[^a-z0-9]+', ' ', 'g'));
         WITH logs AS (
 {query}
         ),
         refs AS (SELECT id, reference FROM read_parquet(getvariable('job') || '/results/*.parquet'))
-        SELECT logs.*, (norm_label(logs.output) = norm_label(refs.reference)
-                        OR starts_with(norm_label(logs.output), norm_label(refs.reference) || ' '))::DOUBLE AS quality
+        SELECT logs.*, label_match(logs.output, refs.reference)::DOUBLE AS quality
         FROM logs JOIN refs ON logs.row_id = refs.id ORDER BY row_id, tier"""
     frame = con.execute(query).df()
     if frame.empty:
         raise ValueError(f"{job_dir}: no row ran on every tier; run a calibration job whose rule "
                          f"escalates every row (threshold: 0) or with audit_share 1")
+    return frame
+
+
+def export_logs(job_dir: str, out_path: str) -> dict:
+    """Write replay_logs(job_dir) to Parquet: the input of `cascade calibrate`. A job whose rule
+    escalates every row (threshold 0) or a large audit share produces such rows."""
+    frame = replay_logs(job_dir)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out_path, index=False)
     return {"rows": int(frame.row_id.nunique()), "tiers": int(frame.tier.nunique()),

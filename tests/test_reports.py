@@ -201,3 +201,17 @@ def test_history_tests_shares_against_the_calibration_prediction(tmp_path):
     (d / "job.json").write_text(json.dumps({"created": 1, "spec": spec}))
     _, summary = report.history(str(root))
     assert ("share vs calibration", "small") in {(f["test"], f["tier"]) for f in summary["drift"]}
+
+
+def test_every_scoring_sql_file_carries_the_same_scorer():
+    """The SQL files define the label scorer themselves (each runs alone from the duckdb CLI);
+    every copy must be the scorer `cascade logs` and the reports' Python use."""
+    norm_line = report.SCORER_MACROS.splitlines()[0]
+    names = report.QUERIES + ["replay_logs"]
+    scoring = [n for n in names if "label_match" in report.sql_text(n)]
+    normalising = [n for n in names if "norm_label" in report.sql_text(n)]
+    assert scoring and set(scoring) <= set(normalising)
+    for name in scoring:
+        assert report.SCORER_MACROS in report.sql_text(name), name
+    for name in normalising:
+        assert norm_line in report.sql_text(name), name

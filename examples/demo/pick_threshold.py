@@ -10,21 +10,20 @@ gets at the same cost: where it is negative, cascading does not pay on this pair
 """
 
 import sys
+from pathlib import Path
 
-import duckdb
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from jobs.report import replay_logs  # noqa: E402  (the same rows and scorer as `cascade logs`)
 
 
 def main(job_dir: str, target: str = "0.9"):
     target = float(target)
-    rows = duckdb.sql(f"""
-        SELECT tiers[1].first_logprob AS fl, tiers[1].cost AS c0, tiers[2].cost AS c1,
-               trim(regexp_replace(lower(tiers[1].response), '[^a-z]+', ' ', 'g')) = reference AS q0,
-               trim(regexp_replace(lower(tiers[2].response), '[^a-z]+', ' ', 'g')) = reference AS q1
-        FROM read_parquet('{job_dir}/results/*.parquet') WHERE len(tiers) = 2
-    """).fetchnumpy()
-    fl, c0, c1 = rows["fl"], rows["c0"], rows["c1"]
-    q0, q1 = rows["q0"].astype(float), rows["q1"].astype(float)
+    logs = replay_logs(job_dir)
+    t0, t1 = (logs[logs.tier == t].set_index("row_id").sort_index() for t in (0, 1))
+    fl, c0, c1 = t0.first_logprob.to_numpy(), t0.cost.to_numpy(), t1.cost.to_numpy()
+    q0, q1 = t0.quality.to_numpy(), t1.quality.to_numpy()
     n = len(fl)
     fixed0, fixed1 = (c0.mean(), q0.mean()), ((c1).mean(), q1.mean())
     slope = (fixed1[1] - fixed0[1]) / (fixed1[0] - fixed0[0])
