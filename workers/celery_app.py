@@ -48,18 +48,18 @@ def run_unit_task(self, job_dir: str, unit_id: str):
     from jobs import core
 
     def dispatch(jd, units):
-        send_units(jd, units, app=self.app)
+        send_units(jd, units, client=self.app)
 
     return core.run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname)
 
 
-def send_units(job_dir: str, units: list[dict], app: Celery | None = None):
+def send_units(job_dir: str, units: list[dict], client: Celery | None = None):
     from jobs.core import Job
 
-    app = app or globals()["app"]
+    client = client or app
     spec = Job(job_dir).spec
     for u in units:
-        app.send_task("cascade.run_unit", args=[job_dir, u["id"]],
+        client.send_task("cascade.run_unit", args=[job_dir, u["id"]],
                       queue=queue_name(spec.tiers[u["tier"]].name))
 
 
@@ -67,7 +67,7 @@ def celery_dispatcher(broker: str):
     client = make_app(broker)
 
     def dispatch(job_dir, units):
-        send_units(job_dir, units, app=client)
+        send_units(job_dir, units, client=client)
 
     return dispatch
 
