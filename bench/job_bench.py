@@ -60,7 +60,8 @@ def main():
     import torch
 
     from jobs import report
-    from jobs.executor import run_embedded
+    from jobs.executor import LocalExecutor
+    from jobs.job import submit
     from jobs.spec import TierSpec, load_spec
     from workers.engines import base
     from workers.engines.transformers_engine import TransformersEngine
@@ -99,27 +100,27 @@ def main():
         plain_models[t.name] = plain_model(t.model)
         plain_generate(*plain_models[t.name], [warm], t.sampling.max_tokens)
     t0 = time.perf_counter()
-    job = run_embedded(spec, overwrite=True)
+    ex = LocalExecutor()
+    job = submit(spec, state=ex.state, dispatch=ex.dispatch, overwrite=True)
+    ex.drain()
     e2e = time.perf_counter() - t0
-    units = job.manifest()["units"].values()
+    wall = {t["unit"]: t["seconds"] for t in ex.timings if t["state"] == "done"}
+    units = [{**u, "seconds": wall[u["id"]]} for u in ex.state.units.values()]
     res = report.run_all(job.dir)
     per_tier = []
     for i, t in enumerate(spec.tiers):
         us = [u for u in units if u["tier"] == i]
-        rows, secs = sum(u["rows"] for u in us), sum(u.get("seconds", 0) for u in us)
+        rows, secs = sum(u["rows"] for u in us), sum(u["seconds"] for u in us)
         per_tier.append({"tier": t.name, "units": len(us), "rows": rows, "unit_seconds": secs,
                          "rows_per_s": rows / secs if secs else None})
     out = pd.read_parquet(Path(job.dir) / "results")
 
     # The same rows through plain model.generate, in the same batches as the job's units.
-    from jobs import core
-
     plain = {}
-    manifest = core.Job(job.dir).manifest()
     for i, t in enumerate(spec.tiers):
         batches = []
-        for u in sorted((u for u in manifest["units"].values() if u["tier"] == i), key=lambda u: u["id"]):
-            tab = job.store.read_table(u["file"]).to_pandas()
+        for u in sorted((u for u in units if u["tier"] == i), key=lambda u: u["id"]):
+            tab = job.store.read_arrow(u["file"]).to_pandas()
             batches.append(list(tab[tab.next_tier == i].prompt))
         n = sum(map(len, batches))
         _, secs = plain_generate(*plain_models[t.name], batches, t.sampling.max_tokens)

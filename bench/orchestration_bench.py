@@ -1,14 +1,23 @@
-"""Orchestration cost without models: N rows (default 100,000) through three tiers served by the
-scripted test-double engine on the embedded executor: sharding, per-row features and
-decisions, atomic commits, coalescing, manifest updates and finalize. Prints rows/s overall and
-the seconds spent in each stage, to set against a real engine's rows/s.
+"""Orchestration cost without models: N rows through three tiers served by the scripted
+test-double engine on the embedded executor, at the spec's default shard_rows 256: sharding,
+per-row features and decisions, write-once commits, state transitions, coalescing, finalize.
+Prints rows/s, the seconds in finalize, peak RSS, and the bytes of job state written per unit
+(everything the job writes except its final results/): constant per unit means the job's
+coordination cost does not grow with the job.
 
-    .venv/bin/python bench/orchestration_bench.py [--rows 100000] [--shard 5000]
+    .venv/bin/python bench/orchestration_bench.py [--rows 100000] [--shard 256]
+    .venv/bin/python bench/orchestration_bench.py --rows 100000 --rows 1000000   # both, compared
+
+Each size runs in a fresh process, so peak RSS is that size's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,45 +27,82 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--shard", type=int, default=5000)
-    args = ap.parse_args()
+def one(rows: int, shard: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    import pandas as pd
-
-    from jobs import core
+    from jobs import finalize
     from jobs.executor import run_embedded
     from jobs.spec import parse_spec
     from tests.doubles import scripted_factory
 
     work = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    n = args.rows
-    pd.DataFrame({"prompt": [f"question {i} w{i % 97}" for i in range(n)],
-                  "reference": ["x"] * n}).to_parquet(work / "in.parquet")
+    pq.write_table(pa.table({"prompt": [f"question {i} w{i % 97}" for i in range(rows)],
+                             "reference": ["x"] * rows}), work / "in.parquet")
     spec = parse_spec({
         "name": "orch", "input": str(work / "in.parquet"), "output": str(work / "job"),
-        "shard_rows": args.shard,
-        "tiers": [{"name": t, "model": "m", "engine": "scripted"} for t in ("a", "b", "c")],
+        "shard_rows": shard,
+        "tiers": [{"name": t, "model": "m", "engine": "scripted", "cost": {"per_token": 1 + 2 * i}}
+                  for i, t in enumerate(("a", "b", "c"))],
         "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}})
-    timings = {"finalize": 0.0}
-    original = core.finalize
+    spent = {"finalize": 0.0}
+    original = finalize.write_results
 
-    def timed_finalize(job):
+    def timed(job):
         t = time.perf_counter()
-        original(job)
-        timings["finalize"] += time.perf_counter() - t
+        try:
+            return original(job)
+        finally:
+            spent["finalize"] += time.perf_counter() - t
 
-    core.finalize = timed_finalize
+    finalize.write_results = timed
     t0 = time.perf_counter()
     job = run_embedded(spec, engine_factory=scripted_factory())
     total = time.perf_counter() - t0
-    units = job.manifest()["units"].values()
-    tier_rows = {t: sum(u["rows"] for u in units if u["tier"] == t) for t in range(3)}
-    print(f"{n:,} rows, {len(units)} units, rows per tier {tier_rows}")
-    print(f"total {total:.1f}s = {n / total:,.0f} rows/s; finalize {timings['finalize']:.1f}s; "
-          f"units {sum(u.get('seconds', 0) for u in units):.1f}s (engine double included)")
+    state_bytes, units = 0, 0
+    for sub in ("routed", "work", "tiers"):
+        for p in (work / "job" / sub).rglob("*.arrow"):
+            state_bytes += p.stat().st_size
+            units += sub != "routed"
+    state_bytes += sum(p.stat().st_size for p in (work / "job").glob("*.json"))
+    status = json.loads((work / "job" / "finished.json").read_text())["status"]
+    return {"rows": rows, "shard": shard, "units": units, "seconds": round(total, 2),
+            "rows_per_s": round(rows / total), "finalize_s": round(spent["finalize"], 2),
+            "us_per_row": round(1e6 * total / rows, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "state_bytes_per_unit": round(state_bytes / units),
+            "state_bytes_per_row": round(state_bytes / rows, 1),
+            "rows_per_tier": [t["rows_done"] for t in status["tiers"]], "job": job.id}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, action="append")
+    ap.add_argument("--shard", type=int, default=256)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sizes = args.rows or [100_000]
+    if args.one:
+        print(json.dumps(one(sizes[0], args.shard)))
+        return
+    results = []
+    for rows in sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", "--rows", str(rows), "--shard",
+                              str(args.shard)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if out.returncode:
+            sys.exit(out.stderr[-2000:])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"{r['rows']:>9,} rows, shard {r['shard']}, {r['units']:,} units: {r['seconds']:.1f} s "
+              f"= {r['rows_per_s']:,} rows/s ({r['us_per_row']} us/row), finalize {r['finalize_s']} s, "
+              f"peak RSS {r['peak_rss_mib']} MiB, job state written {r['state_bytes_per_unit']:,} "
+              f"bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"per-row time {b['rows']:,} vs {a['rows']:,}: {b['us_per_row'] / a['us_per_row']:.2f}x; "
+              f"peak RSS {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x; state bytes per unit "
+              f"{b['state_bytes_per_unit'] / a['state_bytes_per_unit']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ def _bar(done: int, total: int, width: int = 28) -> str:
 def render_status(st: dict, tty: bool) -> str:
     lines = [f"job {st['job_id']}  state {st['state']}  rows {st['rows']}  dir {st['dir']}"]
     for t in st["tiers"]:
-        states = ", ".join(f"{k} {v['shards']} shards/{v['rows']} rows" for k, v in sorted(t["states"].items()))
+        states = ", ".join(f"{k} {v['units']} units/{v['rows']} rows" for k, v in sorted(t["states"].items()))
         total = sum(v["rows"] for v in t["states"].values()) + t["waiting_rows"]
         bar = _bar(t["rows_done"], total) + "  " if tty else ""
         lines.append(f"  tier {t['tier']} {t['name']:<14} {bar}{states or 'no units'}; "
                      f"waiting to coalesce {t['waiting_rows']} rows; escalated {t['escalated']}")
     for f in st["failed"]:
-        lines.append(f"  FAILED {f['unit']}: {f['error']}")
+        lines.append(f"  RETRYING {f['unit']} (attempt {f['attempts']} failed): {f['error']}")
+    if st.get("finalize_error"):
+        lines.append(f"  FINALIZE FAILED: {st['finalize_error']}")
     return "\n".join(lines)
 
 
@@ -87,12 +89,12 @@ def submit(spec_path, broker, output, overwrite):
 
     Example: cascade submit job.yaml --broker redis://redis:6379/0
     """
-    from jobs import core
+    from jobs.job import submit as submit_job
     from workers.celery_app import celery_dispatcher
 
     try:
         spec = _load(spec_path, output)
-        job = core.submit(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
+        job = submit_job(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(job.dir)
@@ -122,11 +124,11 @@ def status(job_dir, as_json, watch):
 
     Example: cascade status runs/demo --watch 2
     """
-    from jobs import core
+    from jobs import control
 
     while True:
         try:
-            st = core.status(job_dir)
+            st = control.status(job_dir)
         except USER_ERRORS as exc:
             _fail(exc)
         click.echo(json.dumps(st, indent=1) if as_json else render_status(st, sys.stdout.isatty()))
@@ -140,24 +142,27 @@ def status(job_dir, as_json, watch):
 @click.option("--broker", envvar="CASCADE_BROKER", default=None,
               help="Re-enqueue on this broker (default: the job's own; embedded jobs run here).")
 def resume(job_dir, broker):
-    """Rebuild the queues from the job's manifest after a crash or a cancel.
+    """Rebuild the job's state from its directory and send every unfinished unit: after a
+    cancel, or to finish an embedded run that was killed. Worker and Redis crashes heal by
+    themselves (leases and the reconciler); they do not need this.
 
     Example: cascade resume runs/demo
     """
-    from jobs import core
+    from jobs import control
     from jobs.executor import resume_embedded
+    from jobs.job import Job
 
     try:
-        job = core.Job(job_dir)
+        job = Job(job_dir)
         broker = broker or job.broker
         if broker:
             from workers.celery_app import celery_dispatcher
 
-            units = core.resume(job_dir, celery_dispatcher(broker))
+            units = control.resume(job_dir, celery_dispatcher(broker))
             click.echo(f"re-enqueued {len(units)} units on {broker}")
         else:
             resume_embedded(job_dir, progress=_progress)
-            click.echo(f"job {job.id}: {core.status(job_dir)['state']}")
+            click.echo(f"job {job.id}: {control.status(job_dir)['state']}")
     except USER_ERRORS as exc:
         _fail(exc)
 
@@ -169,10 +174,10 @@ def cancel(job_dir):
 
     Example: cascade cancel runs/nightly-2026-11-28
     """
-    from jobs import core
+    from jobs import control
 
     try:
-        st = core.cancel(job_dir)
+        st = control.cancel(job_dir)
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(render_status(st, False))

@@ -8,18 +8,15 @@ confidence feature of the current tier's tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from jobs.spec import JobSpec
 
-
-@dataclass
-class Decision:
-    next_tier: int | None          # None: the row stops
-    kept: int                      # the tier whose answer is final if the row stops here
-    p_quality: list[float] | None  # the predictor's estimate for each tier, when there is one
+# decide(tier, rows, current) -> (next_tier, kept, p_quality), one entry per row:
+#   rows     the rows that answered on `tier` (a pyarrow Table with their `trace` so far),
+#   current  this tier's answer column-wise: each feature, `response` and `cost`;
+#   next_tier  int array, -1 where the row stops; kept: the tier whose answer is final if it
+#   stops; p_quality: the predictor's estimate of this tier's quality, or None.
 
 
 class RulePolicy:
@@ -32,15 +29,13 @@ class RulePolicy:
         """Starting tier of each row of a shard (a pyarrow Table): always tier 0."""
         return [0] * shard.num_rows
 
-    def decide(self, tier: int, rows: list[dict]) -> list[Decision]:
-        out = []
-        for r in rows:
-            value = r["trace"][-1]["features"][self.feature]
-            if tier < self.n - 1 and value < self.thresholds[tier]:
-                out.append(Decision(tier + 1, tier, None))
-            else:
-                out.append(Decision(None, tier, None))
-        return out
+    def decide(self, tier: int, rows, current: dict):
+        n = rows.num_rows
+        if tier < self.n - 1:
+            nxt = np.where(current[self.feature] < self.thresholds[tier], tier + 1, -1)
+        else:
+            nxt = np.full(n, -1)
+        return nxt.astype(np.int64), np.full(n, tier, dtype=np.int64), None
 
 
 class ArtifactPolicy:
@@ -64,7 +59,7 @@ class ArtifactPolicy:
         obs = Observations(np.array(prompts, dtype=object), text, num)
         for t in state:
             recs = [next(x for x in r["trace"] if x["tier"] == t) for r in rows]
-            feats = {c: np.array([_float(x["features"].get(c, x.get(c))) for x in recs])
+            feats = {c: np.array([_float(x.get(c)) for x in recs])
                      for c in schema.get("output_num", [])}
             obs.reveal(t, [x["response"] or "" for x in recs], np.array([x["cost"] for x in recs]), feats)
         return obs
@@ -77,8 +72,14 @@ class ArtifactPolicy:
         action, _, _ = self.policy.decide(self._observations(rows, ()), (), self.label)
         return [int(a) if a >= 0 else 0 for a in action]
 
-    def decide(self, tier: int, rows: list[dict]) -> list[Decision]:
-        out: list[Decision | None] = [None] * len(rows)
+    def decide(self, tier: int, rows, current: dict):
+        rows = rows.to_pylist()
+        n = len(rows)
+        for i, r in enumerate(rows):      # this tier's answer joins the lineage it is judged on
+            r["trace"].append({"tier": tier, "status": "ok", "response": current["response"][i],
+                               "cost": float(current["cost"][i]),
+                               **{f: float(current[f][i]) for f in current if f.endswith("_logprob")}})
+        nxt, keep, p_quality = np.full(n, -1), np.full(n, tier), np.full(n, np.nan)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             state = tuple(sorted(x["tier"] for x in r["trace"] if x["status"] == "ok"))
@@ -86,11 +87,11 @@ class ArtifactPolicy:
         for state, idx in groups.items():
             sub = [rows[i] for i in idx]
             action, kept, q = self.policy.decide(self._observations(sub, state), state, self.label)
-            for j, i in enumerate(idx):
-                nxt = int(action[j]) if action[j] >= 0 else None
-                out[i] = Decision(nxt, int(kept[j]) if nxt is None else tier,
-                                  [float(x) for x in q[j]])
-        return out
+            idx = np.asarray(idx)
+            nxt[idx] = np.where(np.asarray(action) >= 0, action, -1)
+            keep[idx] = kept
+            p_quality[idx] = np.asarray(q)[:, tier]
+        return nxt.astype(np.int64), keep.astype(np.int64), p_quality
 
 
 def _float(v) -> float:

@@ -2,9 +2,10 @@
 
 Embedded (`cascade run`): an in-process executor that calls the very same `run_unit` task
 function as the Celery workers, lowest tier first, so escalated rows coalesce into full batches
-and each model loads once. No broker, no server, no polling: on one machine a broker would only
-add serialization and latency, and this executor exercises the same commit/coalesce/finalize code
-and the same manifest as a cluster.
+and each model loads once. Its state store is in memory (jobs.state.MemoryState); the job
+directory holds the truth as for any job, so `cascade resume` finishes a run that was killed.
+No broker, no server, no polling: on one machine a broker would only add serialization and
+latency.
 
 Cluster (`cascade submit` + `cascade worker`): one Celery task per unit on the queue of its tier.
 """
@@ -15,7 +16,8 @@ import heapq
 import logging
 import time
 
-from jobs import core
+from jobs import control, job as jobmod, recovery
+from jobs.units import run_unit
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ class LocalExecutor:
         self.count = 0
         self.engine_factory = engine_factory
         self.progress = progress
+        self.state = recovery.embedded_state()
         self.timings: list[dict] = []
 
     def dispatch(self, job_dir: str, units: list[dict]):
@@ -34,25 +37,34 @@ class LocalExecutor:
             self.count += 1
 
     def drain(self):
-        while self.heap:
-            tier, _, job_dir, uid = heapq.heappop(self.heap)
-            t0 = time.perf_counter()
-            state = core.run_unit(job_dir, uid, engine_factory=self.engine_factory,
-                                  dispatch=self.dispatch, worker="embedded")
-            self.timings.append({"unit": uid, "tier": tier, "state": state,
-                                 "seconds": time.perf_counter() - t0})
-            if self.progress:
-                self.progress(core.status(job_dir))
+        """Run units until none is left; a unit whose engine failed runs again when its
+        backoff is due."""
+        while True:
+            while self.heap:
+                tier, _, job_dir, uid = heapq.heappop(self.heap)
+                t0 = time.perf_counter()
+                verdict = run_unit(job_dir, uid, state=self.state, engine_factory=self.engine_factory,
+                                   dispatch=self.dispatch, worker="embedded")
+                self.timings.append({"unit": uid, "tier": tier, "state": verdict,
+                                     "seconds": time.perf_counter() - t0})
+                if self.progress:
+                    self.progress(control.live_status(jobmod.open_job(job_dir), self.state))
+            due = self.state.next_due()
+            if due is None or not self.state.exists():
+                return
+            time.sleep(max(0.0, due - time.time()))
+            job_dir = self.state.job()["job_dir"]
+            recovery.reconcile(jobmod.open_job(job_dir), self.state, self.dispatch)
 
 
-def run_embedded(spec, *, engine_factory=None, progress=None, overwrite=False) -> core.Job:
+def run_embedded(spec, *, engine_factory=None, progress=None, overwrite=False) -> jobmod.Job:
     ex = LocalExecutor(engine_factory, progress)
-    job = core.submit(spec, broker=None, dispatch=ex.dispatch, overwrite=overwrite)
+    job = jobmod.submit(spec, broker=None, state=ex.state, dispatch=ex.dispatch, overwrite=overwrite)
     ex.drain()
     return job
 
 
 def resume_embedded(job_dir: str, *, engine_factory=None, progress=None):
     ex = LocalExecutor(engine_factory, progress)
-    core.resume(job_dir, ex.dispatch)
+    control.resume(job_dir, ex.dispatch, state=ex.state)
     ex.drain()

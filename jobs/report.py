@@ -81,7 +81,7 @@ def _dicts(res, name) -> list[dict]:
 
 def _tier_names(job_dir: str, res) -> list[str]:
     try:
-        from jobs.core import Job
+        from jobs.job import Job
 
         return [t.name for t in Job(job_dir).spec.tiers]
     except Exception:                        # a results directory without job.json

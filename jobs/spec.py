@@ -75,17 +75,12 @@ class JobSpec:
     shard_rows: int = 256
     batch_rows: int | None = None         # coalesced batch size for escalated rows; default shard_rows
     audit_share: float = 0.0              # share of rows escalated regardless of the decision
+    max_attempts: int = 3                 # engine attempts per unit before its rows become errors
     base_dir: str = "."                   # relative paths in the spec resolve against this
 
     @property
     def coalesce_rows(self) -> int:
         return self.batch_rows or self.shard_rows
-
-    def tier_index(self, name: str) -> int:
-        for i, t in enumerate(self.tiers):
-            if t.name == name:
-                return i
-        raise SpecError(f"tier {name!r} is not in this job; tiers: {[t.name for t in self.tiers]}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +127,7 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
     base = Path(base_dir).resolve()
     _expect(isinstance(raw, dict), where, f"must be a mapping, got {type(raw).__name__}")
     raw = {**raw, **(overrides or {})}
-    _known(raw, {"name", "input", "output", "tiers", "policy", "shard_rows", "batch_rows",
+    _known(raw, {"name", "input", "output", "tiers", "policy", "shard_rows", "batch_rows", "max_attempts",
                  "audit_share"}, where)
     for key in ("input", "tiers", "policy"):
         _expect(key in raw, f"{key}", "is required")
@@ -234,11 +229,12 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
 
     shard_rows = _num(raw.get("shard_rows", 256), "shard_rows", lo=1, integer=True)
     batch_rows = _num(raw.get("batch_rows"), "batch_rows", lo=1, integer=True, allow_none=True)
+    attempts = _num(raw.get("max_attempts", 3), "max_attempts", lo=1, integer=True)
     audit = float(_num(raw.get("audit_share", 0.0), "audit_share", lo=0))
     _expect(audit <= 1, "audit_share", f"must be in [0, 1], got {audit}")
     return JobSpec(name=name, input=_resolve(raw["input"], base), output=_resolve(output, base),
                    tiers=tiers, policy=policy, shard_rows=shard_rows, batch_rows=batch_rows,
-                   audit_share=audit, base_dir=str(base))
+                   audit_share=audit, max_attempts=attempts, base_dir=str(base))
 
 
 def load_spec(path: str | Path, *, overrides: dict | None = None) -> JobSpec:

@@ -2,6 +2,13 @@
 
 Commits are atomic: a file is written under a temporary name and renamed into place (on object
 stores, where an upload is already all-or-nothing, the rename is a copy of a complete object).
+A write-once commit (`once=True`) never replaces a file that exists: on a local filesystem the
+temporary file is hard-linked into place, which fails atomically if another writer got there
+first, so two workers that ran the same unit leave exactly one result, the first.
+
+A job's own working files (shards, units' inputs and results) are Arrow IPC files: 5-8x faster to
+write and read than Parquet at a unit's size, with the unit's bookkeeping (escalation targets,
+sources) in the schema metadata, readable from the footer alone. Final results are Parquet.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ import uuid
 
 import fsspec
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+
+META_KEY = b"cascade"
 
 
 class Store:
@@ -45,16 +55,34 @@ class Store:
         return sorted(p[len(prefix):] if p.startswith(prefix) else p
                       for p in self.fs.glob(self.path(pattern)))
 
-    def write_bytes(self, rel: str, data: bytes):
+    def write_bytes(self, rel: str, data: bytes, *, once: bool = False) -> bool:
+        """Write atomically. With `once`, keep an existing file and return False."""
         target = self.path(rel)
+        if self.local:
+            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if not once:
+                os.replace(tmp, target)
+                return True
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if once and self.fs.exists(target):
+            return False
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
-            if self.local:
-                f.flush()
-                os.fsync(f.fileno())
         self.fs.mv(tmp, target)
+        return True
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self.path(rel), "rb") as f:
@@ -74,6 +102,33 @@ class Store:
     def read_table(self, rel: str) -> pa.Table:
         with self.fs.open(self.path(rel), "rb") as f:
             return pq.read_table(f)
+
+    def write_arrow(self, rel: str, table: pa.Table, meta: dict | None = None, *,
+                    once: bool = False) -> bool:
+        """An Arrow IPC file (lz4), with `meta` as JSON in the schema metadata."""
+        if meta is not None:
+            table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, table.schema, options=ipc.IpcWriteOptions(compression="lz4")) as w:
+            w.write_table(table)
+        return self.write_bytes(rel, sink.getvalue().to_pybytes(), once=once)
+
+    def read_arrow(self, rel: str) -> pa.Table:
+        if self.local:
+            with pa.OSFile(self.path(rel)) as f:
+                return ipc.open_file(f).read_all()
+        with self.fs.open(self.path(rel), "rb") as f:
+            return ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+    def arrow_meta(self, rel: str) -> dict:
+        """The JSON metadata of an Arrow IPC file, from its footer."""
+        if self.local:
+            with pa.OSFile(self.path(rel)) as f:
+                schema = ipc.open_file(f).schema
+        else:
+            with self.fs.open(self.path(rel), "rb") as f:
+                schema = ipc.open_file(pa.BufferReader(f.read())).schema
+        return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
 
     def remove(self, rel: str):
         if self.exists(rel):

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.doubles import scripted_factory
-from jobs import core, report
+from jobs import control, report
 from jobs.executor import LocalExecutor, resume_embedded, run_embedded
+from jobs.job import result_file, submit, targets_of
+from jobs.units import execute, run_unit
 from jobs.inputs import InputError
 from jobs.spec import SpecError, load_spec, parse_spec
 
@@ -158,68 +160,112 @@ def test_yaml_spec_loads(tmp_path, monkeypatch):
 
 
 def test_a_unit_run_twice_leaves_one_result_and_enqueues_once(tmp_path):
+    import copy
+
     inp = write_input(tmp_path / "in.parquet", 20)
     ex = LocalExecutor(scripted_factory())
-    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
+    job = submit(make_spec(tmp_path, inp), state=ex.state, dispatch=ex.dispatch)
     first = ex.heap[0][3]
-    assert core.run_unit(job.dir, first, engine_factory=scripted_factory(), dispatch=ex.dispatch) == "done"
+    stale = copy.deepcopy(ex.state)            # the state as it was before the unit committed
+    calls = []
+    assert run_unit(job.dir, first, state=ex.state, engine_factory=scripted_factory(calls),
+                    dispatch=ex.dispatch) == "done"
     queued = len(ex.heap)
-    before = pq.read_table(f"{job.dir}/tiers/0/{first}.parquet").column("id").to_pylist()
-    # redelivery: the same unit again, then force a re-run with its result but a stale manifest
-    assert core.run_unit(job.dir, first, engine_factory=scripted_factory(), dispatch=ex.dispatch) == "duplicate"
-    assert len(ex.heap) == queued
+    waiting = ex.state.status()["tiers"][1]["waiting_rows"]
+    assert waiting > 0
+    before = job.store.read_arrow(result_file(first, 0))
+    # redelivery: the same unit again finds it done; nothing is run or enqueued twice
+    assert run_unit(job.dir, first, state=ex.state, engine_factory=scripted_factory(calls),
+                    dispatch=ex.dispatch) == "duplicate"
+    assert len(ex.heap) == queued and ex.state.status()["tiers"][1]["waiting_rows"] == waiting
+    # a re-run with its result committed but a stale state (the commit was never recorded):
+    # the engine is not called again, the result is kept, its escalations are recorded once
+    assert run_unit(job.dir, first, state=stale, engine_factory=scripted_factory(calls),
+                    dispatch=None) == "done"
+    assert len(calls) == 1
+    assert stale.status()["tiers"][1]["waiting_rows"] == waiting
+    assert job.store.read_arrow(result_file(first, 0)).equals(before)
     ex.drain()
     out = results(job.dir)
     assert len(out) == 20 and out.id.is_unique
-    assert pq.read_table(f"{job.dir}/tiers/0/{first}.parquet").column("id").to_pylist() == before
 
 
 def test_crash_after_commit_then_resume(tmp_path):
-    """A worker dies after writing its result but before recording it: resume records it,
-    re-enqueues what is left, and the job completes with every row once."""
+    """A run dies after writing a unit's result but before recording it: resume rebuilds the
+    state from the job directory, records it, runs what is left, and the job completes with
+    every row once (the committed unit is not run again)."""
     inp = write_input(tmp_path / "in.parquet", 30)
     ex = LocalExecutor(scripted_factory())
-    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
+    job = submit(make_spec(tmp_path, inp), state=ex.state, dispatch=ex.dispatch)
     uid = ex.heap[0][3]
-    unit = job.manifest()["units"][uid]
-    result = core.execute(job, unit, scripted_factory()(job.spec.tiers[0]))
-    job.store.write_table(unit["result"], result)          # committed, never recorded: "crash"
-    resume_embedded(job.dir, engine_factory=scripted_factory())
+    unit = ex.state.units[uid]
+    result = execute(job, unit, scripted_factory()(job.spec.tiers[0]))
+    job.store.write_arrow(result_file(uid, 0), result,                   # committed, never
+                          {"unit": uid, "rows": result.num_rows,         # recorded: "crash"
+                           "targets": targets_of(result.column("next_tier"))})
+    assert control.status(job.dir)["tiers"][0]["rows_done"] == 8         # seen from the files
+    calls = []
+    resume_embedded(job.dir, engine_factory=scripted_factory(calls))
     out = results(job.dir)
-    assert core.status(job.dir)["state"] == "done"
+    assert control.status(job.dir)["state"] == "done"
     assert len(out) == 30 and out.id.is_unique
+    assert [n for name, n in calls if name == "small"] == [8, 8, 6]      # the committed 8 not rerun
 
 
 def test_cancel_stops_and_resume_finishes(tmp_path):
     inp = write_input(tmp_path / "in.parquet", 30)
     ex = LocalExecutor(scripted_factory())
-    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
-    core.cancel(job.dir)
+    job = submit(make_spec(tmp_path, inp), state=ex.state, dispatch=ex.dispatch)
+    control.cancel(job.dir)
+    ex.state.set_state("cancelled")            # the embedded store is this process's
     ex.drain()
-    st = core.status(job.dir)
+    st = control.status(job.dir)
     assert st["state"] == "cancelled" and st["tiers"][0]["rows_done"] == 0
     assert not (tmp_path / "job" / "results").exists()
     resume_embedded(job.dir, engine_factory=scripted_factory())
-    assert core.status(job.dir)["state"] == "done" and len(results(job.dir)) == 30
+    assert control.status(job.dir)["state"] == "done" and len(results(job.dir)) == 30
 
 
-def test_failed_unit_is_recorded_and_resume_retries(tmp_path):
+def test_engine_failures_are_retried_with_backoff_then_succeed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.01")
     inp = write_input(tmp_path / "in.parquet", 10)
+    failures = {"left": 2}
+    seen = []
 
-    class Boom(Exception):
-        pass
+    def flaky(tier):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise MemoryError("engine out of memory")
+        return scripted_factory()(tier)
 
-    def broken(tier):
-        raise Boom("engine out of memory")
+    def progress(st):
+        seen.extend(st["failed"])
 
-    ex = LocalExecutor(broken)
-    job = core.submit(make_spec(tmp_path, inp), dispatch=ex.dispatch)
-    with pytest.raises(Boom):
-        ex.drain()
-    st = core.status(job.dir)
-    assert st["failed"] and "engine out of memory" in st["failed"][0]["error"]
-    resume_embedded(job.dir, engine_factory=scripted_factory())
-    assert len(results(job.dir)) == 10
+    job = run_embedded(make_spec(tmp_path, inp), engine_factory=flaky, progress=progress)
+    assert len(results(job.dir)) == 10 and (results(job.dir).status == "ok").all()
+    assert seen and "engine out of memory" in seen[0]["error"] and seen[0]["attempts"] == 1
+
+
+def test_a_unit_out_of_attempts_becomes_per_row_errors_and_the_job_finishes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.01")
+    inp = write_input(tmp_path / "in.parquet", 20)
+    good = scripted_factory()
+
+    def broken_mid(tier):
+        if tier.name == "mid":
+            raise RuntimeError("CUDA error: device lost")
+        return good(tier)
+
+    job = run_embedded(make_spec(tmp_path, inp, max_attempts=2), engine_factory=broken_mid)
+    out = results(job.dir).set_index("id")
+    assert len(out) == 20 and control.status(job.dir)["state"] == "done"
+    failed = out[out.status == "error"]
+    escalated = out.tiers.map(lambda ts: len(ts) > 1)
+    assert set(failed.index) == set(out[escalated].index) and len(failed) > 0
+    for r in failed.itertuples():
+        assert "tier mid failed 2 times: RuntimeError: CUDA error: device lost" in r.error
+        assert r.final_tier == 0 and r.response == r.tiers[0]["response"]   # keeps tier 0's answer
+    assert (out[~escalated].status == "ok").all()
 
 
 def test_audit_share_escalates_regardless(tmp_path):
@@ -255,7 +301,7 @@ def test_reports_match_an_independent_count(tmp_path):
     assert funnel[0][2] == 50 and funnel[1][2] == (out.tiers_run.map(len) > 1).sum()
     text = report.text_report(job.dir)
     assert "Escalation funnel" in text and "cost_if_last_tier" in text
-    status = json.dumps(core.status(job.dir))
+    status = json.dumps(control.status(job.dir))
     assert '"state": "done"' in status
 
 

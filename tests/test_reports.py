@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from jobs import report
 from jobs.cli import main
-from jobs.core import TIER_STRUCT
+from jobs.units import TIER_STRUCT
 
 NAMES = ["small", "big"]
 

@@ -1,17 +1,27 @@
 """The Celery app: one queue per tier (`cascade.<tier name>`), JSON only, late acks, prefetch 1.
 
-A tier worker is `cascade worker --tier NAME` (solo pool, one task at a time), or equivalently
-`celery -A workers.celery_app worker -Q cascade.NAME --pool solo --prefetch-multiplier 1`.
-The broker URL comes from CASCADE_BROKER (default redis://127.0.0.1:6379/0).
+A tier worker is `cascade worker --tier NAME` (solo pool, one task at a time, and a reconciler
+thread: see jobs/recovery.py), or equivalently
+`celery -A workers.celery_app worker -Q cascade.NAME --pool solo --prefetch-multiplier 1`
+(without the reconciler: run at least one `cascade worker`).
+The broker URL comes from CASCADE_BROKER (default redis://127.0.0.1:6379/0); put the Redis
+password in it (redis://:PASSWORD@HOST:6379/0).
+
+Workers run units only of job directories under CASCADE_JOBS_ROOT when it is set; a message for
+any other path is refused and logged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from pathlib import Path
 
 from celery import Celery
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+log = logging.getLogger(__name__)
 
 
 def broker_url() -> str:
@@ -28,6 +38,7 @@ def make_app(broker: str | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,   # ride out a Redis restart, however long
         broker_transport_options={"visibility_timeout": int(os.environ.get(
             "CASCADE_VISIBILITY_TIMEOUT", 6 * 3600))},
         task_default_queue="cascade.default",
@@ -43,24 +54,48 @@ def queue_name(tier_name: str) -> str:
     return f"cascade.{tier_name}"
 
 
+def refusal(job_dir: str) -> str | None:
+    """Why a job directory is refused (None: accepted): outside CASCADE_JOBS_ROOT, when set."""
+    import posixpath
+
+    root = os.environ.get("CASCADE_JOBS_ROOT")
+    if not root:
+        return None
+    if "://" in root or "://" in job_dir:
+        scheme, _, path = job_dir.partition("://")
+        ok = f"{scheme}://{posixpath.normpath(path)}".startswith(root.rstrip("/") + "/")
+    else:
+        ok = Path(job_dir).resolve().is_relative_to(Path(root).resolve())
+    return None if ok else f"job directory {job_dir} is not under CASCADE_JOBS_ROOT={root}"
+
+
 @app.task(name="cascade.run_unit", bind=True)
-def run_unit_task(self, job_dir: str, unit_id: str):
-    from jobs import core
+def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
+    from jobs.recovery import SEEN
+    from jobs.units import run_unit
+
+    refused = refusal(job_dir)
+    if refused:
+        log.error("refused unit %s: %s", unit_id, refused)
+        return "refused"
 
     def dispatch(jd, units):
-        send_units(jd, units, client=self.app)
+        send_units(jd, units, client=self.app, job_id=job_id)
 
-    return core.run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname)
+    SEEN.add(job_dir)
+    return run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname, job_id=job_id)
 
 
-def send_units(job_dir: str, units: list[dict], client: Celery | None = None):
-    from jobs.core import Job
+def send_units(job_dir: str, units: list[dict], client: Celery | None = None,
+               job_id: str | None = None):
+    from jobs.job import open_job
 
     client = client or app
-    spec = Job(job_dir).spec
-    for u in units:
-        client.send_task("cascade.run_unit", args=[job_dir, u["id"]],
-                      queue=queue_name(spec.tiers[u["tier"]].name))
+    job = open_job(job_dir, job_id)
+    with client.producer_or_acquire() as producer:
+        for u in units:
+            client.send_task("cascade.run_unit", args=[job_dir, u["id"]], kwargs={"job_id": job.id},
+                             queue=queue_name(job.spec.tiers[u["tier"]].name), producer=producer)
 
 
 def celery_dispatcher(broker: str):
@@ -72,9 +107,43 @@ def celery_dispatcher(broker: str):
     return dispatch
 
 
+def check_broker(broker: str):
+    """Fail at start, with a clear message, on a broker that cannot be reached or refuses us."""
+    import redis
+
+    try:
+        redis.Redis.from_url(broker, socket_connect_timeout=5).ping()
+    except redis.exceptions.AuthenticationError as exc:
+        sys.exit(f"cascade worker: the broker {_redact(broker)} refused the password ({exc}); "
+                 f"check the password in CASCADE_BROKER")
+    except redis.exceptions.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "AUTH" in str(exc):
+            sys.exit(f"cascade worker: the broker {_redact(broker)} needs a password ({exc}); "
+                     f"put it in CASCADE_BROKER as redis://:PASSWORD@HOST:PORT/DB")
+        raise
+    except redis.exceptions.ConnectionError as exc:
+        sys.exit(f"cascade worker: cannot reach the broker {_redact(broker)}: {exc}")
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
 def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", hostname=None):
-    if broker:
-        app.conf.broker_url = broker
+    from jobs.recovery import Reconciler
+    from jobs.state import connect
+
+    broker = broker or broker_url()
+    check_broker(broker)
+    app.conf.broker_url = broker
+    client = make_app(broker)
+    Reconciler(broker, lambda jd, units: send_units(jd, units, client=client),
+               lambda name: connect(broker).llen(queue_name(name))).start()
     argv = ["worker", "-Q", queue_name(tier), "--pool", "solo", "--concurrency", "1",
             "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", hostname or f"{tier}@%h",
             "--without-gossip", "--without-mingle"]

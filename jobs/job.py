@@ -1,0 +1,147 @@
+"""A job directory: its layout, opening it, and submitting a new job.
+
+Job directory (local path or fsspec URL); the files are the durable truth of the job:
+    job.json                    the validated spec, job id, broker, policy version
+    routed/s00000.arrow         input shards, each row with the tier it starts on (metadata:
+                                rows per starting tier)
+    work/t1/UNIT.arrow          input of a coalesced unit on tier 1 (metadata: its sources)
+    tiers/0/UNIT.arrow          the committed result of a unit (metadata: rows escalated per tier)
+    results/part-00000.parquet  final rows, exactly one per input row, in input order
+    finished.json               written after results/: the job is done (with its final status)
+    cancelled                   present while the job is cancelled
+    finalize_error.json         the last finalize failure, if any
+
+The live coordination (unit states, leases, rows waiting per tier) is in a jobs.state store:
+Redis for a job on a Redis broker, memory for `cascade run`. jobs/recovery.py rebuilds it from
+the files above.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.decide import make_policy
+from jobs.inputs import read_inputs
+from jobs.spec import JobSpec
+from jobs.storage import Store
+from jobs.units import TRACE_TYPE
+
+
+class Job:
+    """A job directory opened for reading or running."""
+
+    def __init__(self, job_dir: str):
+        self.dir = job_dir
+        self.store = Store(job_dir)
+        if not self.store.exists("job.json"):
+            raise FileNotFoundError(f"{job_dir}: not a job directory (no job.json)")
+        meta = self.store.read_json("job.json")
+        self.meta = meta
+        self.id = meta["job_id"]
+        self.broker = meta.get("broker")
+        self.spec = JobSpec.from_dict(meta["spec"])
+        self._policy = None
+
+    @property
+    def policy(self):
+        if self._policy is None:
+            self._policy = make_policy(self.spec)
+        return self._policy
+
+    @property
+    def n_tiers(self) -> int:
+        return len(self.spec.tiers)
+
+    def finished(self) -> bool:
+        return self.store.exists("finished.json")
+
+
+_OPEN: OrderedDict[str, Job] = OrderedDict()
+_OPEN_LOCK = threading.Lock()
+
+
+def open_job(job_dir: str, job_id: str | None = None) -> Job:
+    """The Job for a directory, cached per process (a worker opens each job once, not once per
+    unit). `job_id` (from a task message) reloads it if the directory now holds another job."""
+    with _OPEN_LOCK:
+        job = _OPEN.get(job_dir)
+        if job is None or (job_id and job.id != job_id):
+            job = Job(job_dir)
+            _OPEN[job_dir] = job
+            while len(_OPEN) > 16:
+                _OPEN.popitem(last=False)
+        _OPEN.move_to_end(job_dir)
+        return job
+
+
+def new_epoch() -> str:
+    """A fresh tag for the ids of units cut after a (re)load of the state, so ids never collide
+    with units cut before it."""
+    return uuid.uuid4().hex[:6]
+
+
+def source_file(src: str) -> str:
+    """Where a source of escalated rows lives: a routed shard or a unit's result."""
+    if src.startswith("s"):
+        return f"routed/{src}.arrow"
+    return f"tiers/{src[1:src.index('-')]}/{src}.arrow"
+
+
+def result_file(uid: str, tier: int) -> str:
+    return f"tiers/{tier}/{uid}.arrow"
+
+
+def targets_of(next_tier: pa.Array) -> dict[int, int]:
+    """Rows per next tier, from a next_tier column (nulls: rows that stop)."""
+    vc = pc.value_counts(next_tier.drop_null())
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+
+
+def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=None,
+           overwrite: bool = False) -> Job:
+    """Validate the input, write shards, load the state and enqueue the first units. `state` is
+    the store to load (MemoryState for the embedded executor); a Redis broker gets RedisState."""
+    from jobs import recovery
+
+    table = read_inputs(spec.input)
+    store = Store(spec.output)
+    if store.exists("job.json"):
+        if not overwrite:
+            raise FileExistsError(f"{spec.output}: a job already lives here; `cascade resume` it, or "
+                                  f"pass --overwrite to start again")
+        old = Job(spec.output)
+        live = recovery.live_state(old)
+        if live is not None:
+            live.delete()
+        store.remove("")
+    store.makedirs()
+    job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+    store.write_json("job.json", {"job_id": job_id, "spec": spec.to_dict(), "broker": broker,
+                                  "created": time.time(), "rows": table.num_rows,
+                                  "policy_version": spec.policy.version(),
+                                  "columns": table.column_names})
+    job = Job(spec.output)
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    n = spec.shard_rows
+    shards = []
+    empty_trace = pa.array([[]] * min(n, table.num_rows), TRACE_TYPE)
+    for k, start in enumerate(range(0, table.num_rows, n)):
+        shard = table.slice(start, n)
+        first = pa.array(job.policy.start(shard), pa.int32())
+        shard = shard.append_column("trace", empty_trace.slice(0, shard.num_rows))
+        shard = shard.append_column("next_tier", first)
+        shard = shard.append_column("kept_tier", pa.nulls(shard.num_rows, pa.int32()))
+        sid = f"s{k:05d}"
+        targets = targets_of(first)
+        store.write_arrow(source_file(sid), shard, {"targets": targets})
+        shards.append((sid, targets))
+    snap = recovery.fresh_snapshot(job, shards)
+    recovery.load(job, state if state is not None else recovery.live_state(job), snap, dispatch)
+    return job

@@ -1,0 +1,291 @@
+"""Keeping a job moving with nobody watching: loading and rebuilding its state, following a
+commit (writing and sending the units it cut, finalizing), and the reconciler.
+
+The state store is never the truth; the job directory is. `snapshot(job)` reads it back:
+- routed shards (their metadata: rows per starting tier) give the tier-0 units and the rows
+  that start above tier 0;
+- work files (metadata: their sources) give the cut units of later tiers, and which sources'
+  rows are taken for which tier;
+- result files (metadata: rows escalated per tier) say which units are done, and what they
+  escalated;
+- whatever a source escalated to a tier that no work file took is waiting for that tier.
+A cut whose work file was never written is therefore simply not there: its rows wait again.
+
+The reconciler (`reconcile`, run every few seconds by a thread in every worker and guarded so
+that one worker at a time does it per job) needs no person:
+- a job whose state is missing (Redis restarted empty) is rebuilt from its directory, under a
+  lock that expires after one lease, and all its unfinished units are sent again;
+- a running unit whose lease expired (its worker died) is sent again (an attempt);
+- a unit whose engine failed is sent again when its backoff is due;
+- a unit cut but never written (its cutter died) is written and sent;
+- a unit queued long ago whose tier queue is empty (its message was lost) is sent again;
+- a finalize whose lease expired, or whose retry is due, runs again.
+Sending a unit twice is harmless: `start` lets one worker hold it, and results are write-once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from jobs import coalesce, failpoints, finalize
+from jobs.state import Advance, MemoryState, RedisState, connect, unit_record
+
+log = logging.getLogger(__name__)
+JOBS_KEY = "cascade:jobs"          # Redis hash: job id -> job directory, while a job runs
+
+
+def live_state(job):
+    """The job's state store if it runs on a Redis broker, else None (an embedded job's state
+    lives in the `cascade run` process)."""
+    if job.broker and job.broker.startswith(("redis://", "rediss://", "unix://")):
+        return RedisState(connect(job.broker), job.id)
+    return None
+
+
+# ---------------------------------------------------------------- snapshots
+
+def _blank(job, epoch: str) -> dict:
+    n = job.n_tiers
+    return {"job_id": job.id, "job_dir": job.dir, "epoch": epoch, "state": "running",
+            "rows": job.meta["rows"], "tiers": n, "batch": job.spec.coalesce_rows,
+            "max_attempts": job.spec.max_attempts, "units": [], "waiting": [[] for _ in range(n)],
+            "escalated": [0] * n}
+
+
+def fresh_snapshot(job, shards: list[tuple[str, dict[int, int]]]) -> dict:
+    """The state of a job just submitted: one tier-0 unit per shard; rows that start above tier 0
+    wait for their tier."""
+    from jobs.job import new_epoch, source_file
+
+    snap = _blank(job, new_epoch())
+    for sid, targets in shards:
+        if targets.get(0):
+            snap["units"].append(unit_record(f"t0-{sid}", 0, source_file(sid), targets[0]))
+        for k, rows in sorted(targets.items()):
+            if k > 0:
+                snap["waiting"][k].append((sid, rows))
+    return snap
+
+
+def snapshot(job) -> dict:
+    """The job's state, rebuilt from its directory alone (reads file footers, not rows)."""
+    from jobs.job import new_epoch, source_file
+
+    store = job.store
+    snap = _blank(job, new_epoch())
+    if store.exists("cancelled"):
+        snap["state"] = "cancelled"
+    done = {}
+    for rel in store.glob("tiers/*/*.arrow"):
+        meta = store.arrow_meta(rel)
+        done[meta["unit"]] = {int(k): v for k, v in meta["targets"].items()}
+    sources: list[tuple[str, int, dict[int, int]]] = []        # (source, its tier, targets)
+    for rel in store.glob("routed/*.arrow"):
+        sid = rel.rsplit("/", 1)[1][:-len(".arrow")]
+        targets = {int(k): v for k, v in store.arrow_meta(rel)["targets"].items()}
+        if targets.get(0):
+            uid = f"t0-{sid}"
+            snap["units"].append(unit_record(uid, 0, source_file(sid), targets[0],
+                                             "done" if uid in done else "queued"))
+        sources.append((sid, -1, {k: v for k, v in targets.items() if k > 0}))
+    taken: list[set] = [set() for _ in range(job.n_tiers)]
+    for rel in store.glob("work/t*/*.arrow"):
+        meta = store.arrow_meta(rel)
+        uid, tier = meta["unit"], meta["tier"]
+        snap["units"].append(unit_record(uid, tier, rel, meta["rows"],
+                                         "done" if uid in done else "queued", meta["sources"]))
+        taken[tier].update(meta["sources"])
+    for uid, targets in sorted(done.items()):
+        tier = int(uid[1:uid.index("-")])
+        snap["escalated"][tier] += sum(targets.values())
+        sources.append((uid, tier, targets))
+    for src, _, targets in sources:
+        for k, rows in sorted(targets.items()):
+            if rows and src not in taken[k]:
+                snap["waiting"][k].append((src, rows))
+    return snap
+
+
+# ---------------------------------------------------------------- loading and following
+
+def load(job, state, snap: dict, dispatch):
+    """Replace the job's state with a snapshot, send its queued units, and cut what it allows."""
+    now = time.time()
+    state.load(snap, now)
+    if isinstance(state, RedisState):
+        state.r.hset(JOBS_KEY, job.id, job.dir)
+    queued = [u for u in snap["units"] if u["state"] == "queued"]
+    if queued and dispatch:
+        dispatch(job.dir, queued)
+    if snap["state"] == "running":
+        follow(job, state, state.advance(now), dispatch)
+
+
+def follow(job, state, adv: Advance, dispatch):
+    """After a transition: write the inputs of the units it cut, record them as queued, send
+    them; finalize if it said so."""
+    ready = coalesce.materialize_all(job, adv.cuts, state)
+    if ready:
+        state.queued([u["id"] for u in ready], time.time())
+        failpoints.hit("before_dispatch")
+        if dispatch:
+            dispatch(job.dir, ready)
+    if adv.finalize:
+        if finalize.run(job, state) == "done" and isinstance(state, RedisState):
+            state.r.hdel(JOBS_KEY, job.id)
+
+
+def ensure_state(job, state, dispatch) -> bool:
+    """Make sure the job has a live state, rebuilding it from the job directory if it is gone.
+    One process rebuilds (a lock that expires after one lease); returns False to the others."""
+    if state.exists():
+        return True
+    if job.finished():
+        return False
+    if not isinstance(state, RedisState):
+        load(job, state, snapshot(job), dispatch)
+        return True
+    import redis
+
+    lock = state.r.lock(state.p + "rebuild", timeout=state.lease, blocking=False)
+    if not lock.acquire():
+        return False
+    try:
+        if not state.exists():
+            failpoints.hit("holding_rebuild_lock")
+            log.warning("job %s: no live state (Redis lost it?); rebuilding from %s", job.id, job.dir)
+            load(job, state, snapshot(job), dispatch)
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass
+    return True
+
+
+def reconcile(job, state, dispatch, queue_len=None):
+    """One pass of the reconciler over a job (see the module docstring). `queue_len(tier)` gives
+    the number of messages waiting in a tier's broker queue, where there is a broker."""
+    if job.finished():
+        return
+    if not state.exists():
+        ensure_state(job, state, dispatch)
+        return
+    if state.job().get("state") not in ("running", "finalizing"):
+        return
+    now = time.time()
+    reaped = state.reap(now, stale_after=state.lease)
+    if reaped.requeued:
+        log.warning("job %s: sending %d units again (lease expired or retry due)", job.id,
+                    len(reaped.requeued))
+        if dispatch:
+            dispatch(job.dir, reaped.requeued)
+    follow(job, state, Advance(cuts=reaped.cuts), dispatch)
+    if reaped.stale and queue_len is not None and dispatch:
+        lost = [u for u in reaped.stale if queue_len(u["tier"]) == 0]
+        if lost:
+            log.warning("job %s: %d queued units have no message in their queue; sending again",
+                        job.id, len(lost))
+            state.queued([u["id"] for u in lost], now)
+            dispatch(job.dir, lost)
+    follow(job, state, state.advance(now), dispatch)
+    if reaped.finalize:
+        follow(job, state, Advance(finalize=True), dispatch)
+
+
+# ---------------------------------------------------------------- control
+
+def resume(job, state, dispatch) -> list[dict]:
+    """The manual lever: rebuild the state from the job directory and send every unfinished
+    unit (after a cancel, or to force it; no crash needs it)."""
+    if job.finished():
+        return []
+    job.store.remove("cancelled")
+    snap = snapshot(job)
+    snap["state"] = "running"
+    load(job, state, snap, dispatch)
+    return [u for u in snap["units"] if u["state"] == "queued"]
+
+
+def cancel(job, state):
+    job.store.write_bytes("cancelled", b"")
+    if state is not None and state.exists():
+        state.set_state("cancelled")
+
+
+# ---------------------------------------------------------------- the workers' reconciler
+
+SEEN: set[str] = set()             # job directories this process has run units of
+
+
+def jobs_root() -> str | None:
+    return os.environ.get("CASCADE_JOBS_ROOT") or None
+
+
+def known_jobs(client) -> set[str]:
+    """Unfinished jobs a reconciler looks after: those registered in Redis, those this process
+    has seen, and every job directory under CASCADE_JOBS_ROOT (which is how jobs are found again
+    after Redis lost everything and every worker restarted)."""
+    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | SEEN
+    root = jobs_root()
+    if root:
+        dirs |= {str(p.parent) for p in Path(root).glob("*/job.json")
+                 if not (p.parent / "finished.json").exists()}
+    return dirs
+
+
+class Reconciler(threading.Thread):
+    """Runs `reconcile` over the known jobs every `every` seconds (default a quarter lease), in a
+    daemon thread of a worker: the worker's main thread may be inside an engine call for
+    minutes. Per job, a short Redis key lets one worker at a time do the pass."""
+
+    def __init__(self, broker: str, dispatch, queue_len, every: float | None = None):
+        super().__init__(name="cascade-reconciler", daemon=True)
+        from jobs.state import lease_seconds
+
+        self.broker, self.dispatch, self.queue_len = broker, dispatch, queue_len
+        self.every = every or max(lease_seconds() / 4, 0.5)
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.every):
+            try:
+                self.tick()
+            except Exception as exc:           # Redis away, a job directory gone: next tick
+                log.warning("reconciler: %s: %s", type(exc).__name__, exc)
+
+    def tick(self):
+        from jobs.job import open_job
+
+        client = connect(self.broker)
+        from workers.celery_app import refusal
+
+        for job_dir in known_jobs(client):
+            if refusal(job_dir):
+                log.error("reconciler: %s", refusal(job_dir))
+                continue
+            try:
+                job = open_job(job_dir)
+            except FileNotFoundError:
+                SEEN.discard(job_dir)
+                client.hdel(JOBS_KEY, *[k for k, v in client.hgetall(JOBS_KEY).items()
+                                        if v.decode() == job_dir] or ["-"])
+                continue
+            state = live_state(job)
+            if state is None:
+                continue
+            if not state.r.set(state.p + "reconciling", "1", nx=True, px=int(self.every * 900)):
+                continue
+            reconcile(job, state, self.dispatch,
+                      lambda k, job=job: self.queue_len(job.spec.tiers[k].name))
+
+
+def embedded_state() -> MemoryState:
+    """The embedded executor's store: one process, so no lease can expire under it."""
+    state = MemoryState(lease=float("inf"))
+    state.needs_heartbeat = False
+    return state

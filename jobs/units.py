@@ -1,0 +1,269 @@
+"""A unit: a batch of rows run on one tier. `run_unit` is the one task function that both the
+Celery tier workers and the embedded executor call.
+
+Running a unit: take it in the state store (a lease, renewed by a heartbeat while it runs), run
+its rows on the tier's engine in one batched call, decide per row (stop, or which tier next),
+and commit the result: a write-once file at a path fixed by (tier, unit). Then one atomic state
+transition records it, puts its escalated rows in the waiting lists of their tiers and cuts the
+units that are now full; the caller writes their inputs and sends them. Running a unit twice
+leaves one result (the first commit wins) and enqueues its escalations once.
+
+An engine error is retried with exponential backoff up to the spec's `max_attempts`; a unit
+whose worker dies holding it is run again when its lease expires, and that counts as an
+attempt too. After the last attempt the unit's rows become per-row errors with the reason, and
+the job goes on.
+
+Each row carries its lineage as `trace`, a list of one struct per tier run (TIER_STRUCT, the
+output's `tiers` column), appended column-wise: no row becomes a Python object on this path
+unless the policy is a calibrated artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs import failpoints
+
+log = logging.getLogger(__name__)
+
+TIER_STRUCT = pa.struct([
+    ("tier", pa.int32()), ("name", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("response", pa.string()), ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()),
+    ("output_tokens", pa.int32()), ("first_logprob", pa.float64()), ("mean_logprob", pa.float64()),
+    ("min_logprob", pa.float64()), ("p_quality", pa.float64()), ("decision", pa.string()),
+    ("audit", pa.bool_()), ("seconds", pa.float64()), ("cost", pa.float64()),
+])
+TRACE_TYPE = pa.list_(TIER_STRUCT)
+FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
+INTERNAL = ("trace", "next_tier", "kept_tier")
+
+
+def _audit(row_id: str, tier: int, share: float) -> bool:
+    return (zlib.crc32(f"{row_id}|{tier}".encode()) % 1_000_000) < share * 1_000_000
+
+
+def append_trace(trace: pa.ChunkedArray | pa.ListArray, new: pa.StructArray) -> pa.ListArray:
+    """Each row's list with one more element at its end, column-wise."""
+    if isinstance(trace, pa.ChunkedArray):
+        trace = trace.combine_chunks() if trace.num_chunks != 1 else trace.chunk(0)
+    offsets = np.asarray(trace.offsets, dtype=np.int64)
+    n, lo, hi = len(new), offsets[0], offsets[-1]
+    lengths = np.diff(offsets) + 1
+    new_offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=new_offsets[1:])
+    old_values = trace.values.slice(lo, hi - lo)
+    take = np.empty(new_offsets[-1], dtype=np.int64)
+    is_new = np.zeros(new_offsets[-1], dtype=bool)
+    is_new[new_offsets[1:] - 1] = True
+    take[~is_new] = np.arange(hi - lo)
+    take[is_new] = np.arange(hi - lo, hi - lo + n)
+    values = pa.concat_arrays([old_values, new]).take(pa.array(take))
+    return pa.ListArray.from_arrays(pa.array(new_offsets), values)
+
+
+def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
+    """The prompt of each row (None where it has none) and the per-row error for those."""
+    prompts = table.column("prompt").to_pylist()
+    errors: list[str | None] = [None] * len(prompts)
+    messages = table.column("messages").to_pylist() if "messages" in table.column_names else None
+    for i, p in enumerate(prompts):
+        if p is None and messages is not None and messages[i]:
+            try:
+                p = engine.render(messages[i])
+            except Exception as exc:      # a chat the template rejects: that row only
+                errors[i] = f"cannot render messages on tier {tier_name}: {exc}"
+                continue
+        if p is None or not p.strip():
+            prompts[i] = None
+            errors[i] = errors[i] or "empty prompt"
+        else:
+            prompts[i] = p
+    return prompts, errors
+
+
+def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
+    """Run one unit's rows on its tier: one batched engine call, features, policy decisions.
+    Returns the result table: the unit's rows with the trace extended by this tier, next_tier
+    (null: the row stops) and kept_tier. With `fail_reason`, no engine runs: every row gets
+    that error (a unit out of attempts)."""
+    spec = job.spec
+    tier = unit["tier"]
+    ts = spec.tiers[tier]
+    table = job.store.read_arrow(unit["file"])
+    table = table.filter(pc.equal(table.column("next_tier"), tier))   # a routed shard may hold
+    n = table.num_rows                                                 # rows starting elsewhere
+    if fail_reason is not None:
+        prompts, errors = [None] * n, [fail_reason] * n
+    else:
+        prompts, errors = _prompts(table, engine, ts.name)
+    live = [i for i, p in enumerate(prompts) if p is not None]
+    ok = []
+    if live:
+        counts = engine.count_tokens([prompts[i] for i in live])
+        limit = engine.context_length - ts.sampling.max_tokens
+        for i, c in zip(live, counts):
+            if c > limit:
+                errors[i] = (f"prompt has {c} tokens; with max_tokens {ts.sampling.max_tokens} it "
+                             f"exceeds tier {ts.name}'s context of {engine.context_length}")
+            else:
+                ok.append(i)
+    t0 = time.perf_counter()
+    gens = engine.generate([prompts[i] for i in ok], ts.sampling) if ok else []
+    per_row = (time.perf_counter() - t0) / max(len(ok), 1)
+
+    response, finish = [None] * n, [None] * n
+    ptok, otok = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    feats = {f: np.zeros(n) for f in FEATURES}
+    for i, g in zip(ok, gens):
+        response[i], finish[i], ptok[i], otok[i] = g.text, g.finish_reason, g.prompt_tokens, g.output_tokens
+        for f, v in g.features().items():
+            if f in feats:
+                feats[f][i] = v
+    is_ok = np.zeros(n, dtype=bool)
+    is_ok[ok] = True
+    cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
+
+    # Decisions on the rows that answered; an error on this tier ends the row, keeping the
+    # answer of the tier it came from, if any.
+    next_tier = np.full(n, -1, dtype=np.int64)
+    kept = table.column("kept_tier").to_numpy(zero_copy_only=False)
+    kept = np.where(np.isnan(kept.astype(float)), -1, kept).astype(np.int64)
+    p_quality = np.full(n, np.nan)
+    audit = np.zeros(n, dtype=bool)
+    status = np.where(is_ok, "ok", "error").astype(object)
+    decision = np.full(n, "error", dtype=object)
+    if ok:
+        idx = np.asarray(ok)
+        current = {f: feats[f][idx] for f in FEATURES}
+        current.update(response=[response[i] for i in ok], cost=cost[idx])
+        nxt, keep, q = job.policy.decide(tier, table.take(pa.array(idx)), current)
+        if spec.audit_share > 0 and tier < len(spec.tiers) - 1:
+            ids = table.column("id").to_pylist()
+            for j, i in enumerate(ok):
+                if nxt[j] < 0 and _audit(ids[i], tier, spec.audit_share):
+                    nxt[j], audit[i] = tier + 1, True
+        next_tier[idx], kept[idx] = nxt, np.where(nxt < 0, keep, tier)
+        if q is not None:
+            p_quality[idx] = q
+        decision[idx] = np.where(nxt < 0, "stop", np.char.add("escalate:", nxt.astype(str)))
+    rec = pa.StructArray.from_arrays([
+        pa.array(np.full(n, tier, np.int32)), pa.array([ts.name] * n, pa.string()),
+        pa.array(status, pa.string()), pa.array(errors, pa.string()),
+        pa.array(response, pa.string()), pa.array(finish, pa.string()), pa.array(ptok),
+        pa.array(otok), pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
+        pa.array(feats["min_logprob"]), pa.array(p_quality, from_pandas=True),
+        pa.array(decision, pa.string()), pa.array(audit),
+        pa.array(np.where(is_ok, per_row, 0.0)), pa.array(cost)], fields=list(TIER_STRUCT))
+    cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
+    cols["trace"] = append_trace(table.column("trace"), rec)
+    cols["next_tier"] = pa.array(next_tier, pa.int32(), mask=next_tier < 0)
+    cols["kept_tier"] = pa.array(kept, pa.int32(), mask=kept < 0)
+    return pa.table(cols)
+
+
+# ---------------------------------------------------------------- the task function
+
+def backoff(attempt: int) -> float:
+    """Seconds before the retry after failed attempt `attempt`: exponential backoff with full
+    jitter (uniform in [0, base * 2^(attempt-1)], as Celery's retry_backoff), base
+    CASCADE_RETRY_BACKOFF (default 2 s), capped at 10 minutes."""
+    import os
+    import random
+
+    base = float(os.environ.get("CASCADE_RETRY_BACKOFF", "2"))
+    return random.uniform(0, min(600.0, base * 2 ** (attempt - 1)))
+
+
+@contextlib.contextmanager
+def heartbeat(state, uid: str):
+    """Renew a unit's lease every quarter lease while the block runs (a thread: the engine call
+    holds the main one)."""
+    if not getattr(state, "needs_heartbeat", True):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(state.lease / 4):
+            try:
+                state.heartbeat(uid, time.time())
+            except Exception as exc:      # Redis away: the next beat tries again
+                log.warning("heartbeat of %s failed: %s", uid, exc)
+
+    t = threading.Thread(target=beat, name=f"heartbeat-{uid}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def run_unit(job_dir: str, unit_id: str, *, state=None, engine_factory=None, dispatch=None,
+             worker: str | None = None, job_id: str | None = None) -> str:
+    """Run one unit (idempotent) and commit it. Returns what happened: 'done', 'duplicate',
+    'retry' (the engine failed; due again later), or why it did not run: 'busy' (another worker
+    holds it), 'cancelled', 'stale' (the message is for a job no longer in that directory),
+    'unknown'."""
+    from jobs import recovery
+    from jobs.job import open_job, result_file
+    from workers.engines import get_engine
+
+    job = open_job(job_dir, job_id)
+    if job_id and job.id != job_id:
+        return "stale"
+    state = state if state is not None else recovery.live_state(job)
+    if not state.exists() and not recovery.ensure_state(job, state, dispatch):
+        return "busy"                 # another worker is rebuilding the state; it sends the units
+    verdict, unit = state.start(unit_id, worker or socket.gethostname(), time.time())
+    if verdict != "run":
+        return "duplicate" if verdict == "done" else verdict
+    tier, result = unit["tier"], result_file(unit_id, unit["tier"])
+    with heartbeat(state, unit_id):
+        if not job.store.exists(result):
+            table = None
+            if unit["attempts"] > job.spec.max_attempts:
+                reason = (f"unit {unit_id} failed {unit['attempts'] - 1} times (its worker stopped "
+                          f"while running it; last error: {unit.get('error')})")
+                table = execute(job, unit, None, fail_reason=reason)
+            else:
+                try:
+                    engine = (engine_factory or get_engine)(job.spec.tiers[tier])
+                    table = execute(job, unit, engine)
+                except Exception as exc:
+                    err = f"{type(exc).__name__}: {exc}"
+                    log.exception("unit %s of job %s failed (attempt %d)", unit_id, job.id,
+                                  unit["attempts"])
+                    if unit["attempts"] < job.spec.max_attempts:
+                        state.fail(unit_id, err, time.time() + backoff(unit["attempts"]))
+                        return "retry"
+                    table = execute(job, unit, None, fail_reason=(
+                        f"tier {job.spec.tiers[tier].name} failed {unit['attempts']} times: {err}"))
+            failpoints.hit("before_result_write")
+            from jobs.job import targets_of
+
+            job.store.write_arrow(result, table, {"unit": unit_id, "rows": table.num_rows,
+                                                  "targets": targets_of(table.column("next_tier"))},
+                                  once=True)
+            failpoints.hit("after_result_write")
+    targets = {int(k): v for k, v in job.store.arrow_meta(result)["targets"].items()}
+    return commit(job, state, unit_id, targets, dispatch)
+
+
+def commit(job, state, unit_id: str, targets: dict[int, int], dispatch) -> str:
+    """Record a committed unit; cut, write and send the units it completes; finalize the job
+    when nothing is left."""
+    from jobs import recovery
+
+    adv = state.done(unit_id, targets, time.time())
+    failpoints.hit("after_state_update")
+    recovery.follow(job, state, adv, dispatch)
+    return adv.status
