@@ -320,3 +320,45 @@ def test_cli_submit_status_cancel_resume_report(tmp_path, tier_names, monkeypatc
             stop(w)
     res = run.invoke(main, ["submit", str(tmp_path / "job.yaml")])
     assert res.exit_code == 2 and "a job already lives here" in res.output
+
+
+def test_worker_with_a_wrong_password_fails_at_start_with_a_clear_message(tmp_path):
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", "s3cret"],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(100):
+            if redis_up(f"redis://:s3cret@127.0.0.1:{port}/0"):
+                break
+            time.sleep(0.05)
+        for k, (url, needle) in enumerate(((f"redis://:wrong@127.0.0.1:{port}/0", "refused the password"),
+                                           (f"redis://127.0.0.1:{port}/0", "needs a password"))):
+            w = start_worker("x", url, tmp_path / f"w{k}.log")
+            assert w.wait(60) != 0
+            text = (tmp_path / f"w{k}.log").read_text()
+            assert needle in text, text
+            assert ":wrong@" not in text                   # the password is not echoed
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_workers_refuse_job_directories_outside_the_jobs_root(tmp_path, tier_names, own_redis):
+    url, _, _ = own_redis
+    spec = make_spec(tmp_path, 20, tier_names)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    w = start_worker(tier_names[0], url, tmp_path / "w.log", CASCADE_JOBS_ROOT=elsewhere)
+    try:
+        job = submit(spec, broker=url, dispatch=celery_dispatcher(url))
+        deadline = time.time() + 30
+        while "refused unit" not in (tmp_path / "w.log").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert f"job directory {job.dir} is not under CASCADE_JOBS_ROOT={elsewhere}" in \
+            (tmp_path / "w.log").read_text()
+        assert control.status(job.dir)["tiers"][0]["rows_done"] == 0
+    finally:
+        stop(w)

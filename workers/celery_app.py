@@ -111,16 +111,17 @@ def check_broker(broker: str):
     """Fail at start, with a clear message, on a broker that cannot be reached or refuses us."""
     import redis
 
+    from urllib.parse import urlsplit
+
     try:
         redis.Redis.from_url(broker, socket_connect_timeout=5).ping()
-    except redis.exceptions.AuthenticationError as exc:
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
+            redis.exceptions.ResponseError) as exc:
+        if not urlsplit(broker).password:
+            sys.exit(f"cascade worker: the broker {broker} needs a password ({exc}); put it in "
+                     f"CASCADE_BROKER as redis://:PASSWORD@HOST:PORT/DB")
         sys.exit(f"cascade worker: the broker {_redact(broker)} refused the password ({exc}); "
                  f"check the password in CASCADE_BROKER")
-    except redis.exceptions.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "AUTH" in str(exc):
-            sys.exit(f"cascade worker: the broker {_redact(broker)} needs a password ({exc}); "
-                     f"put it in CASCADE_BROKER as redis://:PASSWORD@HOST:PORT/DB")
-        raise
     except redis.exceptions.ConnectionError as exc:
         sys.exit(f"cascade worker: cannot reach the broker {_redact(broker)}: {exc}")
 
@@ -128,10 +129,8 @@ def check_broker(broker: str):
 def _redact(url: str) -> str:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":***@") if password else url
 
 
 def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", hostname=None):
