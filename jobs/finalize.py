@@ -28,50 +28,68 @@ log = logging.getLogger(__name__)
 SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
 
 
+def _unit_results(store, files: list[str]) -> pa.RecordBatchReader:
+    """Units' results as one stream (memory-mapped files: no copy until DuckDB reads)."""
+    first = store.read_arrow(files[0])
+    schema = first.schema.remove_metadata()
+
+    def batches():
+        for i, f in enumerate(files):
+            for b in (first if i == 0 else store.read_arrow(f)).to_batches():
+                yield pa.RecordBatch.from_arrays(b.columns, schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
 def write_results(job) -> int:
-    """Write results/part-*.parquet (exactly one row per input row, in input order). Returns the
-    number of parts."""
+    """Write results/part-*.parquet: exactly one row per input row, in input order. Part by
+    part: each covers a range of input positions and reads only the unit results whose final
+    rows fall in it (their span is in each result's metadata), so memory is bounded by a part,
+    not by the job. Checked as it goes: the positions in each part must run without a gap or a
+    repeat. Returns the number of parts."""
     import duckdb
-    import pyarrow.dataset as ds
+    import numpy as np
 
     store = job.store
     files = store.glob("tiers/*/*.arrow")
-    fs = None
-    if not store.local:
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        fs = PyFileSystem(FSSpecHandler(store.fs))
-    unit_results = ds.dataset([store.path(f) for f in files], format="ipc", filesystem=fs)
+    spans = [(m["final_span"], f) for f in files if (m := store.arrow_meta(f)).get("final_span")]
+    lo = np.array([s[0][0] for s in spans], dtype=np.int64)
+    hi = np.array([s[0][1] for s in spans], dtype=np.int64)
     con = duckdb.connect(config={"memory_limit": "1GB", "threads": 1,
                                  "temp_directory": tempfile.mkdtemp(prefix="cascade-finalize-")})
-    con.register("unit_results", unit_results)
-    rows = job.meta["rows"]
-    n, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM unit_results "
-                              "WHERE next_tier IS NULL").fetchone()
-    if n != rows or distinct != n:
-        raise RuntimeError(f"job {job.id}: {n} terminal rows ({distinct} distinct) for {rows} "
-                           f"input rows")
     con.execute("SET VARIABLE tier_names = ?", [[t.name for t in job.spec.tiers]])
     con.execute("SET VARIABLE policy_version = ?", [job.meta["policy_version"]])
     con.execute("SET VARIABLE job_id = ?", [job.id])
-    reader = con.sql(SQL.read_text()).to_arrow_reader(65536)
+    query = SQL.read_text()
+    rows, step = job.meta["rows"], max(job.spec.shard_rows * 16, 131072)
     tmp = f"results.tmp-{uuid.uuid4().hex[:8]}"
-    step = max(job.spec.shard_rows * 16, 131072)
-    pending, size, part = [], 0, 0
-
-    def flush():
-        nonlocal pending, size, part
-        store.write_table(f"{tmp}/part-{part:05d}.parquet", pa.Table.from_batches(pending))
-        pending, size, part = [], 0, part + 1
-        failpoints.hit("during_finalize")
-
-    for batch in reader:
-        pending.append(batch)
-        size += batch.num_rows
-        if size >= step:
-            flush()
-    if pending:
-        flush()
+    part = 0
+    try:
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            picked = [spans[i][1] for i in np.flatnonzero((lo < end) & (hi >= start))]
+            if not picked:
+                raise RuntimeError(f"job {job.id}: input rows {start}..{end - 1} have no final row")
+            con.register("unit_results", _unit_results(store, picked))
+            con.execute("SET VARIABLE lo = ?", [start])
+            con.execute("SET VARIABLE hi = ?", [end])
+            table = con.sql(query).to_arrow_table()
+            pos = table.column("_row").to_numpy()
+            if not np.array_equal(pos, np.arange(start, end)):
+                missing = sorted(set(range(start, end)) - set(pos.tolist()))
+                raise RuntimeError(f"job {job.id}: input row {missing[0] if missing else start} has "
+                                   f"{'no' if missing else 'more than one'} final row "
+                                   f"({len(pos)} final rows for input rows {start}..{end - 1})")
+            tiers = table.column("tiers").combine_chunks()
+            tiers_run = pa.ListArray.from_arrays(tiers.offsets, tiers.values.field("tier"))
+            table = table.drop_columns(["_row"]).add_column(
+                table.column_names.index("tiers"), "tiers_run", tiers_run)
+            store.write_table(f"{tmp}/part-{part:05d}.parquet", table)
+            part += 1
+            failpoints.hit("during_finalize")
+    except BaseException:
+        store.remove(tmp)
+        raise
     store.remove("results")
     store.fs.mv(store.path(tmp), store.path("results"), recursive=True)
     return part

@@ -17,7 +17,7 @@ from cascade.errors import CascadeError
 
 RESERVED = {"response", "final_tier", "final_tier_name", "tiers_run", "tiers", "status", "error",
             "cost", "seconds", "policy_version", "job_id", "trace", "next_tier", "kept_tier",
-            "source_file", "audit"}
+            "source_file", "audit", "_row", "_cost", "_seconds", "_response", "_status", "_error"}
 
 
 class InputError(CascadeError):

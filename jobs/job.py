@@ -31,7 +31,7 @@ from jobs.decide import make_policy
 from jobs.inputs import read_inputs
 from jobs.spec import JobSpec
 from jobs.storage import Store
-from jobs.units import TRACE_TYPE
+from jobs.units import RUNNING, TRACE_TYPE
 
 
 class Job:
@@ -138,6 +138,9 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
         shard = shard.append_column("trace", empty_trace.slice(0, shard.num_rows))
         shard = shard.append_column("next_tier", first)
         shard = shard.append_column("kept_tier", pa.nulls(shard.num_rows, pa.int32()))
+        for name, typ in RUNNING.items():
+            shard = shard.append_column(name, pa.array(np.zeros(shard.num_rows)) if typ == pa.float64()
+                                        else pa.nulls(shard.num_rows, typ))
         sid = f"s{k:05d}"
         targets = targets_of(first)
         store.write_arrow(source_file(sid), shard, {"targets": targets})

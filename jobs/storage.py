@@ -6,9 +6,11 @@ A write-once commit (`once=True`) never replaces a file that exists: on a local 
 temporary file is hard-linked into place, which fails atomically if another writer got there
 first, so two workers that ran the same unit leave exactly one result, the first.
 
-A job's own working files (shards, units' inputs and results) are Arrow IPC files: 5-8x faster to
-write and read than Parquet at a unit's size, with the unit's bookkeeping (escalation targets,
-sources) in the schema metadata, readable from the footer alone. Final results are Parquet.
+A job's own working files (shards, units' inputs and results) are uncompressed Arrow IPC files:
+at a unit's size 5-8x faster to write and read than Parquet, and 3x faster than lz4-compressed
+IPC, for about twice the bytes of lz4 (the job directory's unit files are scratch space once
+results/ is written). The unit's bookkeeping (escalation targets, sources) is JSON in the schema
+metadata, readable from the footer alone. Final results are Parquet.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class Store:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                os.fsync(f.fileno())      # the rename below must never expose a torn file
             if not once:
                 os.replace(tmp, target)
                 return True
@@ -105,30 +107,25 @@ class Store:
 
     def write_arrow(self, rel: str, table: pa.Table, meta: dict | None = None, *,
                     once: bool = False) -> bool:
-        """An Arrow IPC file (lz4), with `meta` as JSON in the schema metadata."""
-        if meta is not None:
-            table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        """An Arrow IPC file, with `meta` as JSON in the schema metadata."""
+        schema = table.schema.with_metadata({META_KEY: json.dumps(meta or {}).encode()})
         sink = pa.BufferOutputStream()
-        with ipc.new_file(sink, table.schema, options=ipc.IpcWriteOptions(compression="lz4")) as w:
+        with ipc.new_file(sink, schema) as w:
             w.write_table(table)
-        return self.write_bytes(rel, sink.getvalue().to_pybytes(), once=once)
+        return self.write_bytes(rel, sink.getvalue(), once=once)
+
+    def _open_arrow(self, rel: str) -> ipc.RecordBatchFileReader:
+        if self.local:     # the reader keeps the map open; buffers read from it keep it alive
+            return ipc.open_file(pa.memory_map(self.path(rel)))
+        with self.fs.open(self.path(rel), "rb") as f:
+            return ipc.open_file(pa.BufferReader(f.read()))
 
     def read_arrow(self, rel: str) -> pa.Table:
-        if self.local:
-            with pa.OSFile(self.path(rel)) as f:
-                return ipc.open_file(f).read_all()
-        with self.fs.open(self.path(rel), "rb") as f:
-            return ipc.open_file(pa.BufferReader(f.read())).read_all()
+        return self._open_arrow(rel).read_all()
 
     def arrow_meta(self, rel: str) -> dict:
         """The JSON metadata of an Arrow IPC file, from its footer."""
-        if self.local:
-            with pa.OSFile(self.path(rel)) as f:
-                schema = ipc.open_file(f).schema
-        else:
-            with self.fs.open(self.path(rel), "rb") as f:
-                schema = ipc.open_file(pa.BufferReader(f.read())).schema
-        return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+        return json.loads((self._open_arrow(rel).schema.metadata or {}).get(META_KEY, b"{}"))
 
     def remove(self, rel: str):
         if self.exists(rel):

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import failpoints
+from workers.engines.base import token_features
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ TIER_STRUCT = pa.struct([
 ])
 TRACE_TYPE = pa.list_(TIER_STRUCT)
 FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
-INTERNAL = ("trace", "next_tier", "kept_tier")
+# Columns a row carries between tiers besides its input columns: its lineage, where it goes next,
+# whose answer it keeps, and running totals so that finalize need not walk the lineage.
+RUNNING = {"_cost": pa.float64(), "_seconds": pa.float64(), "_response": pa.string(),
+           "_status": pa.string(), "_error": pa.string()}
+INTERNAL = ("trace", "next_tier", "kept_tier", *RUNNING)
 
 
 def _audit(row_id: str, tier: int, share: float) -> bool:
@@ -57,6 +62,8 @@ def append_trace(trace: pa.ChunkedArray | pa.ListArray, new: pa.StructArray) -> 
         trace = trace.combine_chunks() if trace.num_chunks != 1 else trace.chunk(0)
     offsets = np.asarray(trace.offsets, dtype=np.int64)
     n, lo, hi = len(new), offsets[0], offsets[-1]
+    if hi == lo:                                   # every list empty (a row's first tier)
+        return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), new)
     lengths = np.diff(offsets) + 1
     new_offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=new_offsets[1:])
@@ -99,8 +106,9 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     tier = unit["tier"]
     ts = spec.tiers[tier]
     table = job.store.read_arrow(unit["file"])
-    table = table.filter(pc.equal(table.column("next_tier"), tier))   # a routed shard may hold
-    n = table.num_rows                                                 # rows starting elsewhere
+    if table.num_rows != unit["rows"]:        # a routed shard holding rows that start elsewhere
+        table = table.filter(pc.equal(table.column("next_tier"), tier))
+    n = table.num_rows
     if fail_reason is not None:
         prompts, errors = [None] * n, [fail_reason] * n
     else:
@@ -120,32 +128,33 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     gens = engine.generate([prompts[i] for i in ok], ts.sampling) if ok else []
     per_row = (time.perf_counter() - t0) / max(len(ok), 1)
 
-    response, finish = [None] * n, [None] * n
-    ptok, otok = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    feats = {f: np.zeros(n) for f in FEATURES}
-    for i, g in zip(ok, gens):
-        response[i], finish[i], ptok[i], otok[i] = g.text, g.finish_reason, g.prompt_tokens, g.output_tokens
-        for f, v in g.features().items():
-            if f in feats:
-                feats[f][i] = v
+    # This tier's answers, column-wise; rows that did not run keep zeros and nulls.
+    idx = np.asarray(ok, dtype=np.int64)
     is_ok = np.zeros(n, dtype=bool)
-    is_ok[ok] = True
+    is_ok[idx] = True
+    response, finish = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
+    response[idx] = [g.text for g in gens]
+    finish[idx] = [g.finish_reason for g in gens]
+    ptok, otok = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    ptok[idx] = [g.prompt_tokens for g in gens]
+    otok[idx] = [len(g.token_logprobs) for g in gens]
+    feats = {f: np.zeros(n) for f in FEATURES}
+    if ok:
+        for f, v in token_features(gens).items():
+            feats[f][idx] = v
     cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
 
     # Decisions on the rows that answered; an error on this tier ends the row, keeping the
-    # answer of the tier it came from, if any.
+    # answer of the tier it came from, if any. Decision codes: -1 error, 0 stop, k escalate:k.
     next_tier = np.full(n, -1, dtype=np.int64)
-    kept = table.column("kept_tier").to_numpy(zero_copy_only=False)
-    kept = np.where(np.isnan(kept.astype(float)), -1, kept).astype(np.int64)
+    kept = table.column("kept_tier").fill_null(-1).to_numpy().astype(np.int64)
     p_quality = np.full(n, np.nan)
     audit = np.zeros(n, dtype=bool)
-    status = np.where(is_ok, "ok", "error").astype(object)
-    decision = np.full(n, "error", dtype=object)
     if ok:
-        idx = np.asarray(ok)
         current = {f: feats[f][idx] for f in FEATURES}
-        current.update(response=[response[i] for i in ok], cost=cost[idx])
-        nxt, keep, q = job.policy.decide(tier, table.take(pa.array(idx)), current)
+        current.update(response=list(response[idx]), cost=cost[idx])
+        rows = table if len(ok) == n else table.take(pa.array(idx))
+        nxt, keep, q = job.policy.decide(tier, rows, current)
         if spec.audit_share > 0 and tier < len(spec.tiers) - 1:
             ids = table.column("id").to_pylist()
             for j, i in enumerate(ok):
@@ -154,19 +163,31 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         next_tier[idx], kept[idx] = nxt, np.where(nxt < 0, keep, tier)
         if q is not None:
             p_quality[idx] = q
-        decision[idx] = np.where(nxt < 0, "stop", np.char.add("escalate:", nxt.astype(str)))
+    code = np.where(is_ok, np.maximum(next_tier, 0), -1)
+    labels = np.array(["error", "stop"] + [f"escalate:{k}" for k in range(1, len(spec.tiers))],
+                      dtype=object)
     rec = pa.StructArray.from_arrays([
-        pa.array(np.full(n, tier, np.int32)), pa.array([ts.name] * n, pa.string()),
-        pa.array(status, pa.string()), pa.array(errors, pa.string()),
-        pa.array(response, pa.string()), pa.array(finish, pa.string()), pa.array(ptok),
-        pa.array(otok), pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
-        pa.array(feats["min_logprob"]), pa.array(p_quality, from_pandas=True),
-        pa.array(decision, pa.string()), pa.array(audit),
+        pa.array(np.full(n, tier, np.int32)), pa.array(np.full(n, ts.name, dtype=object), pa.string()),
+        pa.array(np.where(is_ok, "ok", "error").astype(object), pa.string()),
+        pa.array(errors, pa.string()), pa.array(response, pa.string()),
+        pa.array(finish, pa.string()), pa.array(ptok), pa.array(otok),
+        pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
+        pa.array(feats["min_logprob"]), pa.array(p_quality, mask=np.isnan(p_quality)),
+        pa.array(labels[code + 1], pa.string()), pa.array(audit),
         pa.array(np.where(is_ok, per_row, 0.0)), pa.array(cost)], fields=list(TIER_STRUCT))
     cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
-    cols["trace"] = append_trace(table.column("trace"), rec)
+    cols["trace"] = trace = append_trace(table.column("trace"), rec)
     cols["next_tier"] = pa.array(next_tier, pa.int32(), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept, pa.int32(), mask=kept < 0)
+    cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
+    cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + np.where(is_ok, per_row, 0.0))
+    kept_response = np.asarray(table.column("_response").to_pylist(), dtype=object)
+    kept_response[is_ok & (kept == tier)] = response[is_ok & (kept == tier)]
+    for i in np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier)):
+        kept_response[i] = next(x["response"] for x in trace[int(i)].as_py() if x["tier"] == kept[i])
+    cols["_response"] = pa.array(kept_response, pa.string())
+    cols["_status"] = rec.field("status")
+    cols["_error"] = rec.field("error")
     return pa.table(cols)
 
 
@@ -248,14 +269,28 @@ def run_unit(job_dir: str, unit_id: str, *, state=None, engine_factory=None, dis
                     table = execute(job, unit, None, fail_reason=(
                         f"tier {job.spec.tiers[tier].name} failed {unit['attempts']} times: {err}"))
             failpoints.hit("before_result_write")
-            from jobs.job import targets_of
-
-            job.store.write_arrow(result, table, {"unit": unit_id, "rows": table.num_rows,
-                                                  "targets": targets_of(table.column("next_tier"))},
-                                  once=True)
+            targets = write_result(job, unit_id, tier, table)
             failpoints.hit("after_result_write")
-    targets = {int(k): v for k, v in job.store.arrow_meta(result)["targets"].items()}
+        else:
+            targets = None
+    if targets is None:                  # committed earlier (or by another worker first)
+        targets = {int(k): v for k, v in job.store.arrow_meta(result)["targets"].items()}
     return commit(job, state, unit_id, targets, dispatch)
+
+
+def write_result(job, unit_id: str, tier: int, table: pa.Table) -> dict[int, int] | None:
+    """Commit a unit's result, write-once. Returns its escalation targets, or None if a result
+    was committed first by someone else."""
+    from jobs.job import result_file, targets_of
+
+    nxt = table.column("next_tier")
+    targets = targets_of(nxt)
+    stops = table.column("_row").to_numpy()[nxt.is_null().to_numpy(zero_copy_only=False)]
+    span = [int(stops.min()), int(stops.max())] if len(stops) else None   # for finalize
+    ok = job.store.write_arrow(result_file(unit_id, tier), table,
+                               {"unit": unit_id, "rows": table.num_rows, "targets": targets,
+                                "final_span": span}, once=True)
+    return targets if ok else None
 
 
 def commit(job, state, unit_id: str, targets: dict[int, int], dispatch) -> str:

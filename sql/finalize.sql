@@ -1,25 +1,29 @@
 -- finalize: a job's final rows from its units' results: the terminal row of every input row (the
 -- one with no next tier), with its lineage, in input order.
--- Input: the relation `unit_results` (every tiers/K/UNIT.arrow file of the job; jobs/finalize.py
--- registers them as one Arrow dataset, since the duckdb CLI reads no Arrow IPC files) and the
--- variables tier_names, policy_version, job_id.
--- Columns: the result schema in README.md (id, prompt, response, final_tier, final_tier_name,
--- tiers_run, tiers, status, error, cost, seconds, policy_version, job_id, input columns,
--- source_file).
+-- Input: the relation `unit_results`: the tiers/K/UNIT.arrow files of the job whose final rows
+-- fall in the input positions [lo, hi), which jobs/finalize.py streams in as one Arrow stream
+-- (the duckdb CLI reads no Arrow IPC files), one output part at a time; and the variables lo,
+-- hi, tier_names, policy_version, job_id. Rows carry running totals (_cost, _seconds), the kept
+-- answer (_response) and the last tier's status, so nothing here walks the lineage.
+-- Columns: the result schema in README.md but tiers_run (jobs/finalize.py derives it from
+-- tiers without a copy): id, prompt, response, final_tier, final_tier_name, tiers, status,
+-- error, cost, seconds, policy_version, job_id, input columns, source_file; and _row (the input
+-- position, which finalize checks and drops).
 SELECT id, prompt,
-       list_filter(trace, lambda x: x.tier = kept_tier)[1].response AS response,
+       _response AS response,
        kept_tier AS final_tier,
        getvariable('tier_names')[kept_tier + 1] AS final_tier_name,
-       list_transform(trace, lambda x: x.tier) AS tiers_run,
        trace AS tiers,
-       CASE WHEN trace[-1].status = 'ok' THEN 'ok' ELSE 'error' END AS status,
-       trace[-1].error AS error,
-       list_sum(list_transform(trace, lambda x: x.cost))::DOUBLE AS cost,
-       list_sum(list_transform(trace, lambda x: x.seconds))::DOUBLE AS seconds,
+       _status AS status,
+       _error AS error,
+       _cost AS cost,
+       _seconds AS seconds,
        getvariable('policy_version') AS policy_version,
        getvariable('job_id') AS job_id,
-       * EXCLUDE (id, prompt, trace, next_tier, kept_tier, source_file, _row),
-       source_file
+       * EXCLUDE (id, prompt, trace, next_tier, kept_tier, source_file, _row, _cost, _seconds,
+                  _response, _status, _error),
+       source_file,
+       _row
 FROM unit_results
-WHERE next_tier IS NULL
+WHERE next_tier IS NULL AND _row >= getvariable('lo') AND _row < getvariable('hi')
 ORDER BY _row

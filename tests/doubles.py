@@ -30,13 +30,14 @@ class ScriptedEngine(Engine):
 
     def generate(self, prompts, sampling):
         self.calls.append((self.tier.name, len(prompts)))
-        time.sleep(self.delay)
+        if self.delay:
+            time.sleep(self.delay)
+        name, salt = self.tier.name, f"{self.tier.name}|".encode()
         out = []
         for p in prompts:
-            h = zlib.crc32(f"{self.tier.name}|{p}".encode()) % 1000 / 1000.0
-            out.append(Generation(text=f"{self.tier.name}:{p.split()[-1]}",
-                                  token_logprobs=[-h, -0.1], finish_reason="stop",
-                                  prompt_tokens=len(p.split())))
+            words = p.split()
+            h = zlib.crc32(p.encode(), zlib.crc32(salt)) % 1000 / 1000.0
+            out.append(Generation(f"{name}:{words[-1]}", [-h, -0.1], "stop", len(words)))
         return out
 
 

@@ -61,3 +61,19 @@ def test_registry_and_lazy_vllm_import():
 
         with pytest.raises(RuntimeError, match=r"needs the \[vllm\] extra"):
             base.engine_class("vllm")(TierSpec("big", "x", engine="vllm"))
+
+
+def test_token_features_column_wise_equal_per_generation():
+    import math
+
+    import numpy as np
+
+    from workers.engines.base import Generation, token_features
+
+    cases = [[-0.5, -1.0], [], [-2.0], [float("-inf"), -0.25, -3.0], [float("nan")], [-0.1, -0.2, -0.3]]
+    for gens in ([Generation("x", lp) for lp in cases], [Generation("y", [-1.0, -2.0]), Generation("z", [-0.5, -0.25])]):
+        got = token_features(gens)
+        for i, g in enumerate(gens):
+            for f, v in g.features().items():
+                assert math.isclose(got[f][i], v, abs_tol=1e-12), (f, i, got[f][i], v)
+        assert set(got) == set(gens[0].features()) and all(isinstance(a, np.ndarray) for a in got.values())

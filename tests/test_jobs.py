@@ -13,8 +13,8 @@ import pytest
 from tests.doubles import scripted_factory
 from jobs import control, report
 from jobs.executor import LocalExecutor, resume_embedded, run_embedded
-from jobs.job import result_file, submit, targets_of
-from jobs.units import execute, run_unit
+from jobs.job import result_file, submit
+from jobs.units import execute, run_unit, write_result
 from jobs.inputs import InputError
 from jobs.spec import SpecError, load_spec, parse_spec
 
@@ -200,9 +200,7 @@ def test_crash_after_commit_then_resume(tmp_path):
     uid = ex.heap[0][3]
     unit = ex.state.units[uid]
     result = execute(job, unit, scripted_factory()(job.spec.tiers[0]))
-    job.store.write_arrow(result_file(uid, 0), result,                   # committed, never
-                          {"unit": uid, "rows": result.num_rows,         # recorded: "crash"
-                           "targets": targets_of(result.column("next_tier"))})
+    write_result(job, uid, 0, result)                  # committed, never recorded: "crash"
     assert control.status(job.dir)["tiers"][0]["rows_done"] == 8         # seen from the files
     calls = []
     resume_embedded(job.dir, engine_factory=scripted_factory(calls))

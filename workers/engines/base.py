@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -29,6 +32,33 @@ class Generation:
             "min_logprob": min(lp) if lp else 0.0,
             "sum_logprob": sum(lp),
         }
+
+
+def token_features(gens: list[Generation]) -> dict[str, np.ndarray]:
+    """Generation.features() of many generations at once, column-wise (same values)."""
+    n = len(gens)
+    lengths = np.fromiter((len(g.token_logprobs) for g in gens), np.int64, n)
+    flat = np.fromiter(itertools.chain.from_iterable(g.token_logprobs for g in gens), np.float64,
+                       int(lengths.sum()))
+    finite = np.isfinite(flat)
+    if n and lengths[0] > 0 and (lengths == lengths[0]).all() and finite.all():
+        grid = flat.reshape(n, int(lengths[0]))       # the common case: one length, all finite
+        total = grid.sum(axis=1)
+        return {"first_logprob": grid[:, 0].copy(), "mean_logprob": total / grid.shape[1],
+                "min_logprob": grid.min(axis=1), "sum_logprob": total}
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    seg = np.repeat(np.arange(n), lengths)
+    count = np.bincount(seg[finite], minlength=n)
+    total = np.bincount(seg[finite], weights=flat[finite], minlength=n)
+    low = np.full(n, np.inf)
+    np.minimum.at(low, seg[finite], flat[finite])
+    where = np.flatnonzero(finite)
+    k = np.searchsorted(where, starts)
+    has = count > 0
+    first = np.zeros(n)
+    first[has] = flat[where[k[has]]]
+    return {"first_logprob": first, "mean_logprob": np.where(has, total / np.maximum(count, 1), 0.0),
+            "min_logprob": np.where(has, low, 0.0), "sum_logprob": total}
 
 
 class Engine:
