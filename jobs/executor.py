@@ -44,7 +44,8 @@ class LocalExecutor:
                 tier, _, job_dir, uid = heapq.heappop(self.heap)
                 t0 = time.perf_counter()
                 verdict = run_unit(job_dir, uid, state=self.state, engine_factory=self.engine_factory,
-                                   dispatch=self.dispatch, worker="embedded")
+                                   dispatch=self.dispatch, worker="embedded",
+                                   job_id=self.state.job()["job_id"])
                 self.timings.append({"unit": uid, "tier": tier, "state": verdict,
                                      "seconds": time.perf_counter() - t0})
                 if self.progress:

@@ -90,8 +90,11 @@ def write_results(job) -> int:
     except BaseException:
         store.remove(tmp)
         raise
-    store.remove("results")
+    old = f"results.old-{uuid.uuid4().hex[:8]}"
+    if store.exists("results"):
+        store.fs.mv(store.path("results"), store.path(old), recursive=True)
     store.fs.mv(store.path(tmp), store.path("results"), recursive=True)
+    store.remove(old)
     return part
 
 

@@ -128,6 +128,8 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
                                   "policy_version": spec.policy.version(),
                                   "columns": table.column_names})
     job = Job(spec.output)
+    with _OPEN_LOCK:
+        _OPEN[job.dir] = job                  # this process's cache now knows the new job
     table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     n = spec.shard_rows
     shards = []

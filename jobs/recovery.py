@@ -36,6 +36,8 @@ from jobs.state import Advance, MemoryState, RedisState, connect, unit_record
 
 log = logging.getLogger(__name__)
 JOBS_KEY = "cascade:jobs"          # Redis hash: job id -> job directory, while a job runs
+DONE_TTL = 3600                    # a finished job's Redis keys go after an hour (status reads
+                                   # finished.json; a late duplicate message finds nothing to do)
 
 
 def live_state(job):
@@ -79,6 +81,8 @@ def snapshot(job) -> dict:
     snap = _blank(job, new_epoch())
     if store.exists("cancelled"):
         snap["state"] = "cancelled"
+    elif store.exists("finalize_error.json") and store.read_json("finalize_error.json")["state"] == "failed":
+        snap["state"] = "failed"            # finalize failed every attempt: a person must look
     done = {}
     for rel in store.glob("tiers/*/*.arrow"):
         meta = store.arrow_meta(rel)
@@ -118,11 +122,12 @@ def load(job, state, snap: dict, dispatch):
     state.load(snap, now)
     if isinstance(state, RedisState):
         state.r.hset(JOBS_KEY, job.id, job.dir)
+    if snap["state"] != "running":
+        return
     queued = [u for u in snap["units"] if u["state"] == "queued"]
     if queued and dispatch:
         dispatch(job.dir, queued)
-    if snap["state"] == "running":
-        follow(job, state, state.advance(now), dispatch)
+    follow(job, state, state.advance(now), dispatch)
 
 
 def follow(job, state, adv: Advance, dispatch):
@@ -135,8 +140,14 @@ def follow(job, state, adv: Advance, dispatch):
         if dispatch:
             dispatch(job.dir, ready)
     if adv.finalize:
-        if finalize.run(job, state) == "done" and isinstance(state, RedisState):
+        from jobs.state import FINALIZE
+        from jobs.units import heartbeat
+
+        with heartbeat(state, FINALIZE):          # a long finalize keeps its lease
+            after = finalize.run(job, state)
+        if after == "done" and isinstance(state, RedisState):
             state.r.hdel(JOBS_KEY, job.id)
+            state.expire(DONE_TTL)
 
 
 def ensure_state(job, state, dispatch) -> bool:
@@ -259,21 +270,23 @@ class Reconciler(threading.Thread):
                 log.warning("reconciler: %s: %s", type(exc).__name__, exc)
 
     def tick(self):
-        from jobs.job import open_job
-
-        client = connect(self.broker)
+        from jobs.job import Job
         from workers.celery_app import refusal
 
+        client = connect(self.broker)
         for job_dir in known_jobs(client):
             if refusal(job_dir):
                 log.error("reconciler: %s", refusal(job_dir))
                 continue
             try:
-                job = open_job(job_dir)
+                job = Job(job_dir)          # not the cache: the directory may hold a new job
             except FileNotFoundError:
+                job = None
+            if job is None or job.finished():
                 SEEN.discard(job_dir)
-                client.hdel(JOBS_KEY, *[k for k, v in client.hgetall(JOBS_KEY).items()
-                                        if v.decode() == job_dir] or ["-"])
+                stale = [k for k, v in client.hgetall(JOBS_KEY).items() if v.decode() == job_dir]
+                if stale:
+                    client.hdel(JOBS_KEY, *stale)
                 continue
             state = live_state(job)
             if state is None:

@@ -355,6 +355,13 @@ class RedisState:
         n = int(self.r.hget(self.p + "meta", "tiers") or 0)
         self.r.delete(*self._keys(max(n, 8)))
 
+    def expire(self, seconds: int):
+        n = int(self.r.hget(self.p + "meta", "tiers") or 0)
+        pipe = self.r.pipeline(transaction=False)
+        for key in self._keys(n):
+            pipe.expire(key, seconds)
+        pipe.execute()
+
     def job(self) -> dict:
         m = {k.decode(): v.decode() for k, v in self.r.hgetall(self.p + "meta").items()}
         for k in ("rows", "tiers", "batch", "max_attempts", "finalize_attempts"):
