@@ -391,3 +391,54 @@ def test_calibration_loop_job_to_logs_to_artifact_to_job(tmp_path):
                                  policy={"artifact": str(tmp_path / "pol")}),
                        engine_factory=scripted_factory())
     assert len(results(job.dir)) == n
+
+
+def test_state_rebuilt_from_the_job_directory_equals_the_live_state(tmp_path):
+    """Mid-job, a state rebuilt from the files alone (as after Redis lost everything) has the
+    same units per tier and state, rows waiting and escalations as the live one."""
+    import time
+
+    from jobs import recovery
+    from jobs.state import MemoryState
+
+    inp = write_input(tmp_path / "in.parquet", 120)
+    ex = LocalExecutor(scripted_factory())
+    job = submit(make_spec(tmp_path, inp), state=ex.state, dispatch=ex.dispatch)
+    checked = 0
+    while ex.heap and checked < 12:
+        _, _, jd, uid = ex.heap.pop(0)
+        run_unit(jd, uid, state=ex.state, engine_factory=scripted_factory(), dispatch=ex.dispatch)
+        rebuilt = MemoryState()
+        rebuilt.load(recovery.snapshot(job), time.time())
+        live, again = ex.state.status(), rebuilt.status()
+        assert again["tiers"] == live["tiers"]
+        checked += 1
+    assert checked == 12 and ex.state.status()["tiers"][1]["states"]      # tier 1 under way
+
+
+def test_finalize_failure_is_recorded_shown_retried_and_resumable(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from jobs import finalize
+    from jobs.cli import main
+
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.01")
+    inp = write_input(tmp_path / "in.parquet", 20)
+    real = finalize.write_results
+    tries = []
+
+    def full_disk(job):
+        tries.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(finalize, "write_results", full_disk)
+    job = run_embedded(make_spec(tmp_path, inp, max_attempts=2), engine_factory=scripted_factory())
+    assert len(tries) == 2                                   # retried once, then given up
+    st = control.status(job.dir)
+    assert st["state"] == "failed" and "No space left on device" in st["finalize_error"]
+    res = CliRunner().invoke(main, ["status", job.dir])
+    assert "FINALIZE FAILED: OSError: [Errno 28] No space left on device" in res.output
+    assert not (tmp_path / "job" / "results").exists()
+    monkeypatch.setattr(finalize, "write_results", real)
+    resume_embedded(job.dir, engine_factory=scripted_factory())
+    assert control.status(job.dir)["state"] == "done" and len(results(job.dir)) == 20
