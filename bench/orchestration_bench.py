@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,18 +28,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def one(rows: int, shard: int) -> dict:
+def make_input(rows: int) -> Path:
+    """The input, written by the parent so that the measured process holds only the job."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    work = Path(tempfile.mkdtemp(prefix="orch-bench-"))
+    pq.write_table(pa.table({"prompt": [f"question {i} w{i % 97}" for i in range(rows)],
+                             "reference": ["x"] * rows}), work / "in.parquet")
+    return work
+
+
+def one(work: Path, rows: int, shard: int) -> dict:
     from jobs import finalize
     from jobs.executor import run_embedded
     from jobs.spec import parse_spec
     from tests.doubles import scripted_factory
 
-    work = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    pq.write_table(pa.table({"prompt": [f"question {i} w{i % 97}" for i in range(rows)],
-                             "reference": ["x"] * rows}), work / "in.parquet")
     spec = parse_spec({
         "name": "orch", "input": str(work / "in.parquet"), "output": str(work / "job"),
         "shard_rows": shard,
@@ -79,17 +85,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, action="append")
     ap.add_argument("--shard", type=int, default=256)
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = args.rows or [100_000]
     if args.one:
-        print(json.dumps(one(sizes[0], args.shard)))
+        print(json.dumps(one(Path(args.one), sizes[0], args.shard)))
         return
     results = []
     for rows in sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", "--rows", str(rows), "--shard",
-                              str(args.shard)], capture_output=True, text=True,
+        work = make_input(rows)
+        out = subprocess.run([sys.executable, __file__, "--one", str(work), "--rows", str(rows),
+                              "--shard", str(args.shard)], capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        shutil.rmtree(work, ignore_errors=True)
         if out.returncode:
             sys.exit(out.stderr[-2000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])

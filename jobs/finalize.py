@@ -14,6 +14,7 @@ job.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 import traceback
@@ -41,6 +42,39 @@ def _unit_results(store, files: list[str]) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
+def _write_part(store, rel: str, reader: pa.RecordBatchReader, start: int, end: int, job_id: str):
+    """Stream one part's sorted rows to Parquet, checking that their input positions run
+    start, start+1, ... end-1: no row missing, none twice."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    writer, seen = None, start
+    with store.fs.open(store.path(rel), "wb") as f:
+        for batch in reader:
+            pos = batch.column("_row").to_numpy()
+            expect = np.arange(seen, seen + len(pos))
+            if len(pos) and not np.array_equal(pos, expect):
+                i = int(np.argmax(pos != expect))
+                raise RuntimeError(f"job {job_id}: input row {pos[i]} has more than one final row"
+                                   if pos[i] < expect[i] else
+                                   f"job {job_id}: input row {expect[i]} has no final row")
+            seen += len(pos)
+            tiers = batch.column("tiers")
+            run = pa.ListArray.from_arrays(tiers.offsets, tiers.values.field("tier"))
+            table = pa.Table.from_batches([batch]).drop_columns(["_row"])
+            table = table.add_column(table.column_names.index("tiers"), "tiers_run", run)
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+            writer.write_table(table)
+        if seen != end:
+            raise RuntimeError(f"job {job_id}: input row {seen} has no final row "
+                               f"({seen - start} final rows for input rows {start}..{end - 1})")
+        writer.close()
+        if store.local:                     # finished.json must never name a torn part
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def write_results(job) -> int:
     """Write results/part-*.parquet: exactly one row per input row, in input order. Part by
     part: each covers a range of input positions and reads only the unit results whose final
@@ -55,14 +89,15 @@ def write_results(job) -> int:
     spans = [(m["final_span"], f) for f in files if (m := store.arrow_meta(f)).get("final_span")]
     lo = np.array([s[0][0] for s in spans], dtype=np.int64)
     hi = np.array([s[0][1] for s in spans], dtype=np.int64)
-    con = duckdb.connect(config={"memory_limit": "1GB", "threads": 1,
+    con = duckdb.connect(config={"memory_limit": "512MB", "threads": 1,
                                  "temp_directory": tempfile.mkdtemp(prefix="cascade-finalize-")})
     con.execute("SET VARIABLE tier_names = ?", [[t.name for t in job.spec.tiers]])
     con.execute("SET VARIABLE policy_version = ?", [job.meta["policy_version"]])
     con.execute("SET VARIABLE job_id = ?", [job.id])
     query = SQL.read_text()
-    rows, step = job.meta["rows"], max(job.spec.shard_rows * 16, 131072)
+    rows, step = job.meta["rows"], max(job.spec.shard_rows * 16, 65536)
     tmp = f"results.tmp-{uuid.uuid4().hex[:8]}"
+    store.makedirs(tmp)
     part = 0
     try:
         for start in range(0, rows, step):
@@ -73,18 +108,8 @@ def write_results(job) -> int:
             con.register("unit_results", _unit_results(store, picked))
             con.execute("SET VARIABLE lo = ?", [start])
             con.execute("SET VARIABLE hi = ?", [end])
-            table = con.sql(query).to_arrow_table()
-            pos = table.column("_row").to_numpy()
-            if not np.array_equal(pos, np.arange(start, end)):
-                missing = sorted(set(range(start, end)) - set(pos.tolist()))
-                raise RuntimeError(f"job {job.id}: input row {missing[0] if missing else start} has "
-                                   f"{'no' if missing else 'more than one'} final row "
-                                   f"({len(pos)} final rows for input rows {start}..{end - 1})")
-            tiers = table.column("tiers").combine_chunks()
-            tiers_run = pa.ListArray.from_arrays(tiers.offsets, tiers.values.field("tier"))
-            table = table.drop_columns(["_row"]).add_column(
-                table.column_names.index("tiers"), "tiers_run", tiers_run)
-            store.write_table(f"{tmp}/part-{part:05d}.parquet", table)
+            _write_part(store, f"{tmp}/part-{part:05d}.parquet",
+                        con.sql(query).to_arrow_reader(16384), start, end, job.id)
             part += 1
             failpoints.hit("during_finalize")
     except BaseException:

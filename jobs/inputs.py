@@ -1,7 +1,7 @@
-"""Reading and checking a job's input: one Parquet file, a directory or a glob.
+"""Reading and checking a job's input: one Parquet file, a directory or a glob, a batch at a time.
 
 Whole-input problems (an unreadable or empty file, a missing or mistyped column, duplicate ids)
-stop the submit with an error naming the file, column or row. Row problems (a null or empty
+stop the submit with an error naming the file, column or row, and leave nothing written. Row problems (a null or empty
 prompt, a prompt longer than a tier's context) are not errors here: those rows travel with the
 job and come out with status `error` and a reason.
 """
@@ -9,6 +9,7 @@ job and come out with status `error` and a reason.
 from __future__ import annotations
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -55,64 +56,138 @@ def _stem(path: str) -> str:
     return name[:-8] if name.endswith(".parquet") else name
 
 
-def read_file(path: str) -> pa.Table:
-    try:
-        with fsspec.open(path, "rb") as f:
-            table = pq.read_table(f)
-    except Exception as exc:   # pyarrow raises several types for a bad file
-        raise InputError(f"{path}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
-    if table.num_rows == 0:
+def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
+    """Whole-file checks from the footer alone; returns the schema the file's rows take in the
+    job (id and reference as strings, a prompt column, source_file)."""
+    if rows == 0:
         raise InputError(f"{path}: has no rows")
-    cols = table.column_names
+    cols = schema.names
     bad = sorted(RESERVED & set(cols))
     if bad:
         raise InputError(f"{path}: column(s) {bad} are names the output uses; rename them")
     if "prompt" in cols:
-        t = table.schema.field("prompt").type
+        t = schema.field("prompt").type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
             raise InputError(f"{path}: column 'prompt' must hold strings, found {t}")
-    if "messages" in cols and not _is_messages(table.schema.field("messages").type):
+    if "messages" in cols and not _is_messages(schema.field("messages").type):
         raise InputError(f"{path}: column 'messages' must be a list of {{role, content}} strings, "
-                         f"found {table.schema.field('messages').type}")
+                         f"found {schema.field('messages').type}")
     if "prompt" not in cols and "messages" not in cols:
         raise InputError(f"{path}: needs a 'prompt' column (string) or a 'messages' column "
                          f"(list of {{role, content}}); has {cols}")
+    fields = [f for f in schema if f.name not in ("id", "reference", "prompt")]
+    fields += [pa.field("id", pa.string()), pa.field("prompt", pa.string())]
+    if "reference" in cols:
+        fields.append(pa.field("reference", pa.string()))
+    return pa.schema(fields + [pa.field("source_file", pa.string())])
+
+
+def _rows(path: str, batch: pa.Table, first_row: int) -> pa.Table:
+    """One batch of a file's rows in the job's shape; row numbers in errors count from the
+    file's first row."""
+    cols = batch.column_names
+    n = batch.num_rows
     if "id" in cols:
-        ids = table.column("id")
-        if ids.null_count:
-            row = pc.index(pc.is_null(ids), True).as_py()
-            raise InputError(f"{path}: column 'id' is null at row {row}")
-        table = table.set_column(cols.index("id"), "id", pc.cast(ids, pa.string()))
+        batch = batch.set_column(cols.index("id"), "id", pc.cast(batch.column("id"), pa.string()))
     else:
-        stem = _stem(path)
-        table = table.append_column("id", pa.array([f"{stem}:{i}" for i in range(table.num_rows)],
-                                                   pa.string()))
-    if "reference" in table.column_names:
-        i = table.column_names.index("reference")
+        batch = batch.append_column("id", _made_ids(path, first_row, n))
+    if "reference" in batch.column_names:
+        i = batch.column_names.index("reference")
         try:
-            table = table.set_column(i, "reference", pc.cast(table.column("reference"), pa.string()))
+            batch = batch.set_column(i, "reference", pc.cast(batch.column("reference"), pa.string()))
         except pa.ArrowInvalid as exc:
             raise InputError(f"{path}: column 'reference' cannot be read as text ({exc})") from None
-    if "prompt" not in table.column_names:
-        table = table.append_column("prompt", pa.nulls(table.num_rows, pa.string()))
-    elif pa.types.is_null(table.schema.field("prompt").type):
-        table = table.set_column(table.column_names.index("prompt"), "prompt",
-                                 pa.nulls(table.num_rows, pa.string()))
-    return table.append_column("source_file", pa.array([path] * table.num_rows, pa.string()))
+    if "prompt" not in batch.column_names:
+        batch = batch.append_column("prompt", pa.nulls(n, pa.string()))
+    elif pa.types.is_null(batch.schema.field("prompt").type):
+        batch = batch.set_column(batch.column_names.index("prompt"), "prompt", pa.nulls(n, pa.string()))
+    return batch.append_column("source_file", pa.array([path] * n, pa.string()))
 
 
-def read_inputs(spec_input: str) -> pa.Table:
-    files = input_files(spec_input)
-    tables = [read_file(p) for p in files]
-    try:
-        table = pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"input {spec_input}: files have incompatible columns ({exc})") from None
-    counts = pc.value_counts(table.column("id"))
-    dup = [v["values"].as_py() for v in counts if v["counts"].as_py() > 1]
-    if dup:
-        where = pc.index(table.column("id"), dup[0]).as_py()
-        src = table.column("source_file")[where].as_py()
-        raise InputError(f"{src}: duplicate id {dup[0]!r} (first at row {where} of the input; "
+def _made_ids(path: str, first: int, n: int) -> pa.Array:
+    """`<file stem>:<row number>`, the id of a row in a file without an id column."""
+    rows = pc.cast(pa.array(np.arange(first, first + n)), pa.string())
+    return pc.binary_join_element_wise(_stem(path), rows, ":")
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch in the job's unified schema: missing columns as nulls, types promoted."""
+    cols = []
+    for f in schema:
+        col = table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        cols.append(col if col.type == f.type else col.cast(f.type))
+    return pa.table(cols, schema=schema)
+
+
+class InputReader:
+    """A job's input read a batch at a time, so that submitting a large input does not hold it
+    in memory. Every file's footer, and every id, is checked before the first row is read: bad
+    files, columns, types, incompatible files, null and duplicate ids fail at once."""
+
+    def __init__(self, spec_input: str):
+        self.spec_input = spec_input
+        self.files = input_files(spec_input)
+        self.metas, schemas = [], []
+        for path in self.files:
+            try:
+                with fsspec.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                    schema = meta.schema.to_arrow_schema()
+            except Exception as exc:   # pyarrow raises several types for a bad file
+                raise InputError(f"{path}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
+            self.metas.append(meta)
+            schemas.append(_check_schema(path, schema, meta.num_rows))
+        try:
+            self.schema = pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"input {spec_input}: files have incompatible columns ({exc})") from None
+        self.rows = sum(m.num_rows for m in self.metas)
+        self.check_ids()
+
+    def batches(self, size: int):
+        """Tables of at most `size` rows, in input order."""
+        for path in self.files:
+            with fsspec.open(path, "rb") as f:
+                first = 0
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=size):
+                    yield _conform(_rows(path, pa.Table.from_batches([batch]), first), self.schema)
+                    first += batch.num_rows
+
+    def check_ids(self):
+        """Raise on a null or duplicate id, naming it, its file and its row. Reads only the id
+        column of each file (or makes the ids a file without one gets)."""
+        ids = []
+        for path, meta in zip(self.files, self.metas):
+            if "id" in meta.schema.to_arrow_schema().names:
+                with fsspec.open(path, "rb") as f:
+                    col = pq.read_table(f, columns=["id"]).column("id")
+                if col.null_count:
+                    row = pc.index(pc.is_null(col), True).as_py()
+                    raise InputError(f"{path}: column 'id' is null at row {row}")
+                ids.append(pc.cast(col, pa.string()))
+            else:
+                ids.append(pa.chunked_array([_made_ids(path, 0, meta.num_rows)]))
+        ids = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())
+        if len(pc.unique(ids)) == len(ids):
+            return
+        counts = pc.value_counts(ids)
+        dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        where = pc.index(ids, dup[0]).as_py()
+        ends = np.cumsum([m.num_rows for m in self.metas])
+        src = self.files[int(np.searchsorted(ends, where, side="right"))]
+        raise InputError(f"{src}: duplicate id {dup[0].as_py()!r} (first at row {where} of the input; "
                          f"{len(dup)} duplicated ids in all)")
-    return table
+
+    def shards(self, size: int):
+        """The input in tables of exactly `size` rows (the last one fewer), in input order."""
+        buf, n = [], 0
+        for table in self.batches(size):
+            buf.append(table)
+            n += table.num_rows
+            while n >= size:
+                whole = pa.concat_tables(buf)
+                yield whole.slice(0, size)
+                rest = whole.slice(size)
+                buf, n = [rest], rest.num_rows
+        if n:
+            yield pa.concat_tables(buf)

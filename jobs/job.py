@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.decide import make_policy
-from jobs.inputs import read_inputs
+from jobs.inputs import InputReader
 from jobs.spec import JobSpec
 from jobs.storage import Store
 from jobs.units import RUNNING, TRACE_TYPE
@@ -110,7 +110,8 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
     the store to load (MemoryState for the embedded executor); a Redis broker gets RedisState."""
     from jobs import recovery
 
-    table = read_inputs(spec.input)
+    reader = InputReader(spec.input)         # every file's footer and id checked: errors come
+                                             # before anything is written
     store = Store(spec.output)
     if store.exists("job.json"):
         if not overwrite:
@@ -124,18 +125,27 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
     store.makedirs()
     job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
     store.write_json("job.json", {"job_id": job_id, "spec": spec.to_dict(), "broker": broker,
-                                  "created": time.time(), "rows": table.num_rows,
+                                  "created": time.time(), "rows": reader.rows,
                                   "policy_version": spec.policy.version(),
-                                  "columns": table.column_names})
+                                  "columns": reader.schema.names})
     job = Job(spec.output)
     with _OPEN_LOCK:
         _OPEN[job.dir] = job                  # this process's cache now knows the new job
-    table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    n = spec.shard_rows
-    shards = []
-    empty_trace = pa.array([[]] * min(n, table.num_rows), TRACE_TYPE)
-    for k, start in enumerate(range(0, table.num_rows, n)):
-        shard = table.slice(start, n)
+    shards = _write_shards(job, reader)
+    snap = recovery.fresh_snapshot(job, shards)
+    recovery.load(job, state if state is not None else recovery.live_state(job), snap, dispatch)
+    return job
+
+
+def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, int]]]:
+    """The input as routed shards of shard_rows rows, each row with its input position, the
+    tier it starts on, an empty lineage and zero running totals."""
+    n = job.spec.shard_rows
+    shards, pos = [], 0
+    empty_trace = pa.array([[]] * n, TRACE_TYPE)
+    for k, shard in enumerate(reader.shards(n)):
+        shard = shard.append_column("_row", pa.array(np.arange(pos, pos + shard.num_rows, dtype=np.int64)))
+        pos += shard.num_rows
         first = pa.array(job.policy.start(shard), pa.int32())
         shard = shard.append_column("trace", empty_trace.slice(0, shard.num_rows))
         shard = shard.append_column("next_tier", first)
@@ -145,8 +155,6 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
                                         else pa.nulls(shard.num_rows, typ))
         sid = f"s{k:05d}"
         targets = targets_of(first)
-        store.write_arrow(source_file(sid), shard, {"targets": targets})
+        job.store.write_arrow(source_file(sid), shard, {"targets": targets})
         shards.append((sid, targets))
-    snap = recovery.fresh_snapshot(job, shards)
-    recovery.load(job, state if state is not None else recovery.live_state(job), snap, dispatch)
-    return job
+    return shards
