@@ -89,8 +89,8 @@ def write_results(job) -> int:
     spans = [(m["final_span"], f) for f in files if (m := store.arrow_meta(f)).get("final_span")]
     lo = np.array([s[0][0] for s in spans], dtype=np.int64)
     hi = np.array([s[0][1] for s in spans], dtype=np.int64)
-    con = duckdb.connect(config={"memory_limit": "512MB", "threads": 1,
-                                 "temp_directory": tempfile.mkdtemp(prefix="cascade-finalize-")})
+    spill = tempfile.TemporaryDirectory(prefix="cascade-finalize-")
+    con = duckdb.connect(config={"memory_limit": "512MB", "threads": 1, "temp_directory": spill.name})
     con.execute("SET VARIABLE tier_names = ?", [[t.name for t in job.spec.tiers]])
     con.execute("SET VARIABLE policy_version = ?", [job.meta["policy_version"]])
     con.execute("SET VARIABLE job_id = ?", [job.id])
@@ -115,6 +115,9 @@ def write_results(job) -> int:
     except BaseException:
         store.remove(tmp)
         raise
+    finally:
+        con.close()
+        spill.cleanup()
     old = f"results.old-{uuid.uuid4().hex[:8]}"
     if store.exists("results"):
         store.fs.mv(store.path("results"), store.path(old), recursive=True)

@@ -34,6 +34,18 @@ local function put(u)
   redis.call('HSET', P .. 'units', u.id, cjson.encode(u))
 end
 
+local function requeue(u, now, out)
+  move(u, 'queued')
+  put(u)
+  redis.call('ZADD', P .. 'queued', now, u.id)
+  table.insert(out.requeued, u)
+end
+
+local function take_finalize(now, out)
+  out.finalize = true
+  redis.call('ZADD', P .. 'leases', now + LEASE, FINALIZE)
+end
+
 local function stat(name)
   return tonumber(redis.call('HGET', P .. 'stats', name) or '0') or 0
 end
@@ -166,16 +178,12 @@ local now, stale_after = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {requeued = {}, cuts = {}, stale = {}, finalize = false}
 for _, uid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now)) do
   if uid == FINALIZE then
-    out.finalize = true
-    redis.call('ZADD', P .. 'leases', now + LEASE, uid)
+    take_finalize(now, out)
   else
     local u = get(uid)
     if u and u.state == 'running' then
-      move(u, 'queued')
-      put(u)
       redis.call('ZREM', P .. 'leases', uid)
-      redis.call('ZADD', P .. 'queued', now, uid)
-      table.insert(out.requeued, u)
+      requeue(u, now, out)
     elseif u and u.state == 'cutting' then
       redis.call('ZADD', P .. 'leases', now + LEASE, uid)
       table.insert(out.cuts, u)
@@ -187,16 +195,10 @@ end
 for _, uid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'retry', '-inf', now)) do
   redis.call('ZREM', P .. 'retry', uid)
   if uid == FINALIZE then
-    out.finalize = true
-    redis.call('ZADD', P .. 'leases', now + LEASE, uid)
+    take_finalize(now, out)
   else
     local u = get(uid)
-    if u and u.state == 'retry' then
-      move(u, 'queued')
-      put(u)
-      redis.call('ZADD', P .. 'queued', now, uid)
-      table.insert(out.requeued, u)
-    end
+    if u and u.state == 'retry' then requeue(u, now, out) end
   end
 end
 for _, uid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', '-inf', now - stale_after, 'LIMIT', 0, 10000)) do

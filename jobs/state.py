@@ -218,34 +218,35 @@ class MemoryState:
 
     def reap(self, now: float, stale_after: float) -> Reaped:
         out = Reaped()
+
+        def requeue(rec):
+            self._move(rec, "queued")
+            self.queued_at[rec["id"]] = now
+            out.requeued.append(dict(rec))
+
+        def take_finalize():
+            out.finalize = True
+            self.leases[FINALIZE] = now + self.lease
+
         for uid, deadline in list(self.leases.items()):
             if deadline > now:
                 continue
             if uid == FINALIZE:
-                out.finalize = True
-                self.leases[uid] = now + self.lease
-                continue
-            rec = self.units[uid]
-            if rec["state"] == "running":
-                self._move(rec, "queued")
+                take_finalize()
+            elif self.units[uid]["state"] == "running":
                 del self.leases[uid]
-                self.queued_at[uid] = now
-                out.requeued.append(dict(rec))
-            elif rec["state"] == "cutting":
+                requeue(self.units[uid])
+            elif self.units[uid]["state"] == "cutting":
                 self.leases[uid] = now + self.lease
-                out.cuts.append(dict(rec))
+                out.cuts.append(dict(self.units[uid]))
         for uid, due in list(self.retry.items()):
             if due > now:
                 continue
             del self.retry[uid]
             if uid == FINALIZE:
-                out.finalize = True
-                self.leases[uid] = now + self.lease
-                continue
-            rec = self.units[uid]
-            self._move(rec, "queued")
-            self.queued_at[uid] = now
-            out.requeued.append(dict(rec))
+                take_finalize()
+            elif self.units[uid]["state"] == "retry":
+                requeue(self.units[uid])
         out.stale = [dict(self.units[u]) for u, t in self.queued_at.items() if t <= now - stale_after]
         return out
 

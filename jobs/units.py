@@ -79,16 +79,20 @@ def append_trace(trace: pa.ChunkedArray | pa.ListArray, new: pa.StructArray) -> 
 
 def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
     """The prompt of each row (None where it has none) and the per-row error for those."""
-    prompts = table.column("prompt").to_pylist()
+    col = table.column("prompt")
+    prompts = col.to_pylist()
     errors: list[str | None] = [None] * len(prompts)
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True).to_numpy(zero_copy_only=False)
+    if not blank.any():                       # the common case: every row has a prompt
+        return prompts, errors
     messages = table.column("messages").to_pylist() if "messages" in table.column_names else None
-    for i, p in enumerate(prompts):
-        if p is None and messages is not None and messages[i]:
+    for i in np.flatnonzero(blank):
+        p = None
+        if messages is not None and prompts[i] is None and messages[i]:
             try:
                 p = engine.render(messages[i])
             except Exception as exc:      # a chat the template rejects: that row only
                 errors[i] = f"cannot render messages on tier {tier_name}: {exc}"
-                continue
         if p is None or not p.strip():
             prompts[i] = None
             errors[i] = errors[i] or "empty prompt"
@@ -116,16 +120,18 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     live = [i for i, p in enumerate(prompts) if p is not None]
     ok = []
     if live:
-        counts = engine.count_tokens([prompts[i] for i in live])
-        limit = engine.context_length - ts.sampling.max_tokens
-        for i, c in zip(live, counts):
-            if c > limit:
+        counts = np.asarray(engine.count_tokens(live_prompts := [prompts[i] for i in live]))
+        long = counts > engine.context_length - ts.sampling.max_tokens
+        if long.any():
+            for i, c in zip(np.asarray(live)[long], counts[long]):
                 errors[i] = (f"prompt has {c} tokens; with max_tokens {ts.sampling.max_tokens} it "
                              f"exceeds tier {ts.name}'s context of {engine.context_length}")
-            else:
-                ok.append(i)
+            ok = [i for i, too in zip(live, long) if not too]
+        else:
+            ok = live
     t0 = time.perf_counter()
-    gens = engine.generate([prompts[i] for i in ok], ts.sampling) if ok else []
+    gens = engine.generate(live_prompts if ok is live else [prompts[i] for i in ok],
+                           ts.sampling) if ok else []
     per_row = (time.perf_counter() - t0) / max(len(ok), 1)
 
     # This tier's answers, column-wise; rows that did not run keep zeros and nulls.

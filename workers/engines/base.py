@@ -37,15 +37,16 @@ class Generation:
 def token_features(gens: list[Generation]) -> dict[str, np.ndarray]:
     """Generation.features() of many generations at once, column-wise (same values)."""
     n = len(gens)
-    lengths = np.fromiter((len(g.token_logprobs) for g in gens), np.int64, n)
-    flat = np.fromiter(itertools.chain.from_iterable(g.token_logprobs for g in gens), np.float64,
-                       int(lengths.sum()))
+    lists = [g.token_logprobs for g in gens]
+    lengths = np.fromiter(map(len, lists), np.int64, n)
+    if n and lengths[0] > 0 and (lengths == lengths[0]).all():
+        grid = np.array(lists, dtype=np.float64)          # one length: a 2-D array at once
+        if np.isfinite(grid).all():
+            total = grid.sum(axis=1)
+            return {"first_logprob": grid[:, 0].copy(), "mean_logprob": total / grid.shape[1],
+                    "min_logprob": grid.min(axis=1), "sum_logprob": total}
+    flat = np.fromiter(itertools.chain.from_iterable(lists), np.float64, int(lengths.sum()))
     finite = np.isfinite(flat)
-    if n and lengths[0] > 0 and (lengths == lengths[0]).all() and finite.all():
-        grid = flat.reshape(n, int(lengths[0]))       # the common case: one length, all finite
-        total = grid.sum(axis=1)
-        return {"first_logprob": grid[:, 0].copy(), "mean_logprob": total / grid.shape[1],
-                "min_logprob": grid.min(axis=1), "sum_logprob": total}
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     seg = np.repeat(np.arange(n), lengths)
     count = np.bincount(seg[finite], minlength=n)
