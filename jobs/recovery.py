@@ -197,7 +197,8 @@ def reconcile(job, state, dispatch, queue_len=None):
             dispatch(job.dir, reaped.requeued)
     follow(job, state, Advance(cuts=reaped.cuts), dispatch)
     if reaped.stale and queue_len is not None and dispatch:
-        lost = [u for u in reaped.stale if queue_len(u["tier"]) == 0]
+        empty = {k: queue_len(k) == 0 for k in {u["tier"] for u in reaped.stale}}
+        lost = [u for u in reaped.stale if empty[u["tier"]]]
         if lost:
             log.warning("job %s: %d queued units have no message in their queue; sending again",
                         job.id, len(lost))
@@ -299,6 +300,4 @@ class Reconciler(threading.Thread):
 
 def embedded_state() -> MemoryState:
     """The embedded executor's store: one process, so no lease can expire under it."""
-    state = MemoryState(lease=float("inf"))
-    state.needs_heartbeat = False
-    return state
+    return MemoryState(lease=float("inf"))

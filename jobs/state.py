@@ -19,6 +19,7 @@ Unit states: `cutting` (rows chosen for it, its input file not yet written), `qu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import OrderedDict
@@ -63,6 +64,8 @@ def _blank_status(n_tiers: int) -> dict:
 
 class MemoryState:
     """The state in this process's memory: for the embedded executor."""
+
+    needs_heartbeat = False       # one process: nobody else can take a unit from it
 
     def __init__(self, lease: float | None = None):
         self.lease = lease or lease_seconds()
@@ -283,11 +286,14 @@ class MemoryState:
         return st
 
 
+@functools.cache
 def _lua(name: str) -> str:
+    """One section of state.lua, with the shared `lib` section in front."""
     from pathlib import Path
 
-    return (Path(__file__).with_name("state.lua").read_text().split(f"-- @{name}\n", 1)[1]
-            .split("\n-- @", 1)[0])
+    text = Path(__file__).with_name("state.lua").read_text()
+    section = text.split(f"-- @{name}\n", 1)[1].split("\n-- @", 1)[0]
+    return section if name == "lib" else _lua("lib") + "\n" + section
 
 
 class RedisState:
@@ -296,14 +302,14 @@ class RedisState:
 
     SCRIPTS = ("start", "heartbeat", "fail", "done", "advance", "queued", "reap", "finalized",
                "finalize_failed")
+    needs_heartbeat = True
 
     def __init__(self, client, job_id: str, lease: float | None = None):
         self.r = client
         self.job_id = job_id
         self.p = f"cascade:job:{job_id}:"
         self.lease = lease or lease_seconds()
-        lib = _lua("lib")
-        self.fn = {n: client.register_script(lib + "\n" + _lua(n)) for n in self.SCRIPTS}
+        self.fn = {n: client.register_script(_lua(n)) for n in self.SCRIPTS}
 
     def _call(self, name: str, *args):
         out = self.fn[name](keys=[], args=[self.p, self.lease, *args])

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import random
 import socket
 import threading
 import time
@@ -203,9 +205,6 @@ def backoff(attempt: int) -> float:
     """Seconds before the retry after failed attempt `attempt`: exponential backoff with full
     jitter (uniform in [0, base * 2^(attempt-1)], as Celery's retry_backoff), base
     CASCADE_RETRY_BACKOFF (default 2 s), capped at 10 minutes."""
-    import os
-    import random
-
     base = float(os.environ.get("CASCADE_RETRY_BACKOFF", "2"))
     return random.uniform(0, min(600.0, base * 2 ** (attempt - 1)))
 
@@ -214,7 +213,7 @@ def backoff(attempt: int) -> float:
 def heartbeat(state, uid: str):
     """Renew a unit's lease every quarter lease while the block runs (a thread: the engine call
     holds the main one)."""
-    if not getattr(state, "needs_heartbeat", True):
+    if not state.needs_heartbeat:
         yield
         return
     stop = threading.Event()
