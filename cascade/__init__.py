@@ -3,20 +3,16 @@
 Nothing here imports ``jobs`` or ``workers``: tier workers load what ``cascade calibrate`` writes.
 """
 
-__all__ = ["Ladder", "load_ladder", "Policy", "calibrate", "load_policy"]
+__all__ = ["Ladder", "load_ladder", "Policy", "fit_policy", "load_policy", "save_policy", "replay"]
+
+_HOME = {"Ladder": "cascade.ladder", "load_ladder": "cascade.ladder", "Policy": "cascade.runtime",
+         "replay": "cascade.runtime", "fit_policy": "cascade.calibrate",
+         "load_policy": "cascade.artifact", "save_policy": "cascade.artifact"}
 
 
 def __getattr__(name):  # lazy re-exports keep `import cascade` cheap for the workers
-    if name in ("Ladder", "load_ladder"):
-        from cascade import ladder
+    if name not in _HOME:
+        raise AttributeError(f"module 'cascade' has no attribute {name!r}")
+    import importlib
 
-        return getattr(ladder, name)
-    if name in ("Policy", "calibrate"):
-        from cascade import policy
-
-        return getattr(policy, name)
-    if name == "load_policy":
-        from cascade.artifact import load_policy
-
-        return load_policy
-    raise AttributeError(name)
+    return getattr(importlib.import_module(_HOME[name]), name)

@@ -72,7 +72,14 @@ def load_policy(path: str | Path):
     if not meta.exists() or not weights.exists():
         raise PolicyArtifactError(f"{path}: not a policy directory (needs policy.json and "
                                   f"weights.safetensors; write one with `cascade calibrate`)")
-    doc = json.loads(meta.read_text())
+    try:
+        doc = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyArtifactError(f"{meta}: not valid JSON ({exc})") from None
+    missing = [k for k in ("weights_sha256", "train_config", "predictors", "points", "n_tiers")
+               if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise PolicyArtifactError(f"{meta}: missing field(s) {missing}; write it with `cascade calibrate`")
     if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
         raise PolicyArtifactError(f"{meta}: format {doc.get('format')!r} version "
                                   f"{doc.get('format_version')!r}; this build reads {FORMAT} v{FORMAT_VERSION}")

@@ -1,4 +1,5 @@
-"""Online learning while a job runs, measured as regret on rows streamed from a logged ladder.
+"""An offline simulation of online learning, measured as regret on rows streamed from a logged
+ladder (jobs do not refit while they run; this measures what doing so from audits would earn).
 
 The learner starts knowing nothing. Every row it serves either follows its current policy or,
 with probability `audit` (default 2%), is audited: every tier runs and the row's quality labels

@@ -75,6 +75,10 @@ def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
     if "prompt" not in cols and "messages" not in cols:
         raise InputError(f"{path}: needs a 'prompt' column (string) or a 'messages' column "
                          f"(list of {{role, content}}); has {cols}")
+    if "id" in cols:
+        t = schema.field("id").type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+            raise InputError(f"{path}: column 'id' must hold strings or integers, found {t}")
     fields = [f for f in schema if f.name not in ("id", "reference", "prompt")]
     fields += [pa.field("id", pa.string()), pa.field("prompt", pa.string())]
     if "reference" in cols:
@@ -102,6 +106,22 @@ def _rows(path: str, batch: pa.Table, first_row: int) -> pa.Table:
     elif pa.types.is_null(batch.schema.field("prompt").type):
         batch = batch.set_column(batch.column_names.index("prompt"), "prompt", pa.nulls(n, pa.string()))
     return batch.append_column("source_file", pa.array([path] * n, pa.string()))
+
+
+def _has_text(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _has_text(t.value_type)
+    return pa.types.is_struct(t) and any(_has_text(f.type) for f in t)
+
+
+def _valid(arr: pa.Array) -> bool:
+    try:
+        arr.validate(full=True)
+        return True
+    except pa.ArrowInvalid:
+        return False
 
 
 def _made_ids(path: str, first: int, n: int) -> pa.Array:
@@ -142,6 +162,7 @@ class InputReader:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"input {spec_input}: files have incompatible columns ({exc})") from None
         self.rows = sum(m.num_rows for m in self.metas)
+        self.check_text()
         self.check_ids()
 
     def batches(self, size: int):
@@ -151,6 +172,26 @@ class InputReader:
                 first = 0
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=size):
                     yield _conform(_rows(path, pa.Table.from_batches([batch]), first), self.schema)
+                    first += batch.num_rows
+
+    def check_text(self):
+        """Raise on text that is not valid UTF-8, naming the file, column and row (Parquet does
+        not check; a bad byte would otherwise fail a whole unit later)."""
+        for path, meta in zip(self.files, self.metas):
+            schema = meta.schema.to_arrow_schema()
+            text = [f.name for f in schema if _has_text(f.type)]
+            if not text:
+                continue
+            with fsspec.open(path, "rb") as f:
+                first = 0
+                for batch in pq.ParquetFile(f).iter_batches(columns=text, batch_size=65536):
+                    for name, col in zip(batch.schema.names, batch.columns):
+                        try:
+                            col.validate(full=True)
+                        except pa.ArrowInvalid:
+                            row = next(i for i in range(len(col)) if not _valid(col.take([i])))
+                            raise InputError(f"{path}: column {name!r} row {first + row}: text is "
+                                             f"not valid UTF-8") from None
                     first += batch.num_rows
 
     def check_ids(self):

@@ -110,8 +110,9 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
     the store to load (MemoryState for the embedded executor); a Redis broker gets RedisState."""
     from jobs import recovery
 
-    reader = InputReader(spec.input)         # every file's footer and id checked: errors come
-                                             # before anything is written
+    policy = make_policy(spec)               # an artifact is loaded and checked (its weights'
+    reader = InputReader(spec.input)         # checksum) and every input file's footer, text
+                                             # and ids: errors come before anything is written
     store = Store(spec.output)
     if store.exists("job.json"):
         if not overwrite:
@@ -129,6 +130,7 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
                                   "policy_version": spec.policy.version(),
                                   "columns": reader.schema.names})
     job = Job(spec.output)
+    job._policy = policy
     with _OPEN_LOCK:
         _OPEN[job.dir] = job                  # this process's cache now knows the new job
     shards = _write_shards(job, reader)

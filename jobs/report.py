@@ -354,12 +354,6 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
     return doc, summary
 
 
-def write_history(root: str, out_dir: str) -> dict:
-    doc, summary = history(root)
-    save(doc, summary, out_dir, stem="history")
-    return summary
-
-
 def replay_logs(job_dir: str):
     """The job's fully-run rows (every tier answered) in the replay format, as a DataFrame, with
     `quality` from the reports' label scorer (SCORER_MACROS) when references exist."""

@@ -201,7 +201,11 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
         art = _resolve(str(p["artifact"]), base)
         _expect((Path(art) / "policy.json").exists(), "policy.artifact",
                 f"no policy.json in {art} (write one with `cascade calibrate`)")
-        meta = json.loads((Path(art) / "policy.json").read_text())
+        try:
+            meta = json.loads((Path(art) / "policy.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"policy.artifact: {Path(art) / 'policy.json'} is not valid JSON ({exc})") from None
+        _expect(isinstance(meta, dict), "policy.artifact", f"{Path(art) / 'policy.json'} is not a JSON object")
         n = int(meta.get("n_tiers", 0))
         _expect(n == len(tiers), "policy.artifact",
                 f"policy was calibrated for {n} tiers, the job has {len(tiers)}")

@@ -442,3 +442,66 @@ def test_finalize_failure_is_recorded_shown_retried_and_resumable(tmp_path, monk
     monkeypatch.setattr(finalize, "write_results", real)
     resume_embedded(job.dir, engine_factory=scripted_factory())
     assert control.status(job.dir)["state"] == "done" and len(results(job.dir)) == 20
+
+
+def _run_cli(tmp_path, raw: dict):
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    return CliRunner().invoke(main, ["run", str(tmp_path / "job.yaml"), "--quiet"])
+
+
+def _raw_spec(tmp_path, inp, **kw):
+    return {"name": "t", "input": str(inp), "output": str(tmp_path / "job"), "shard_rows": 8,
+            "tiers": [{**t, "engine": "scripted"} for t in TIERS],
+            "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}, **kw}
+
+
+@pytest.mark.parametrize("case", ["list id", "bad utf-8", "bad utf-8 in messages"])
+def test_bad_input_files_fail_at_submit_with_exit_2_and_nothing_written(tmp_path, case):
+    path = tmp_path / "bad.parquet"
+    if case == "list id":
+        pq.write_table(pa.table({"id": [["a"], ["b"]], "prompt": ["x y", "z w"]}), path)
+        needle = "column 'id' must hold strings or integers, found list<element: string>"
+    elif case == "bad utf-8":
+        text = pa.array([b"fine one", b"fine two", b"bad \xff\xfe byte"], pa.binary()).view(pa.string())
+        pq.write_table(pa.table({"prompt": text}), path)
+        needle = "column 'prompt' row 2: text is not valid UTF-8"
+    else:
+        content = pa.array([b"hi", b"\xffno"], pa.binary()).view(pa.string())
+        msgs = pa.ListArray.from_arrays([0, 1, 2], pa.StructArray.from_arrays(
+            [pa.array(["user", "user"]), content], names=["role", "content"]))
+        pq.write_table(pa.table({"messages": msgs}), path)
+        needle = "column 'messages' row 1: text is not valid UTF-8"
+    res = _run_cli(tmp_path, _raw_spec(tmp_path, path))
+    assert res.exit_code == 2, res.output
+    assert str(path) in res.output and needle in res.output
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_broken_artifact_fails_before_anything_is_written(tmp_path):
+    from cascade.artifact import save_policy
+    from cascade.calibrate import fit_policy
+    from cascade.ladder import load_ladder
+    from tests.synthetic import three_tier
+
+    policy, _ = fit_policy(load_ladder(three_tier(600, seed=5), require_quality=True))
+    save_policy(policy, tmp_path / "policy")
+    inp = write_input(tmp_path / "in.parquet", 10)
+    raw = _raw_spec(tmp_path, inp, policy={"artifact": str(tmp_path / "policy")})
+    weights = tmp_path / "policy" / "weights.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))             # tampered
+    res = _run_cli(tmp_path, raw)
+    assert res.exit_code == 2 and "checksum does not match policy.json" in res.output
+    assert not (tmp_path / "job").exists()
+    weights.write_bytes(good)                                           # fixed: runs at once
+    res = _run_cli(tmp_path, raw)
+    assert res.exit_code == 0, res.output
+    (tmp_path / "policy" / "policy.json").write_text("{not json")
+    res = _run_cli(tmp_path, {**raw, "output": str(tmp_path / "job2")})
+    assert res.exit_code == 2 and "policy.json is not valid JSON" in res.output
+    assert str(tmp_path / "policy" / "policy.json") in res.output

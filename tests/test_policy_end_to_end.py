@@ -148,7 +148,12 @@ def test_cli_errors_name_the_problem(tmp_path):
 
 
 def test_commands_have_help():
-    for name, cmd in main.commands.items():
+    from jobs.cli import main as cascade_command      # the `cascade` entry point, job commands included
+
+    names = set(cascade_command.commands)
+    assert {"calibrate", "replay", "eval", "run", "submit", "worker", "status", "resume", "cancel",
+            "report", "logs"} <= names
+    for name, cmd in cascade_command.commands.items():
         assert cmd.help and "Example:" in cmd.help, name
 
 

@@ -116,7 +116,8 @@ def test_sql_runs_as_plain_duckdb_scripts(job):
         for stmt in filter(str.strip, report.sql_text(name).split(";")):
             if stmt.strip() and not all(line.strip().startswith("--") for line in stmt.strip().splitlines()):
                 rel = con.execute(stmt)
-        assert rel.fetchall() is not None
+        cols = [d[0] for d in rel.description]
+        assert (cols, rel.fetchall()) == report.run_query(report.connect(job), name), name
 
 
 def png_size(path) -> tuple[int, int]:
