@@ -52,3 +52,28 @@ def three_tier(n_rows: int, seed: int, useless_middle: bool = True) -> pd.DataFr
                          cost[t] * (1 + 0.1 * rng.random()), conf, "cat" + str(int(d[i] * 3))))
     return pd.DataFrame(rows, columns=["row_id", "tier", "model", "prompt", "output", "quality",
                                        "cost", "mean_logprob", "category"])
+
+
+def keeps_earlier(n_rows: int, seed: int) -> pd.DataFrame:
+    """A 3-tier ladder on which the optimal policy starts some rows above tier 0, skips tier 1,
+    and sometimes keeps tier 0's answer after running tier 2. `easy` rows: tier 0 is right 70% of
+    the time; tier 2 is right exactly when its logged confidence (`mean_logprob`, uniform on
+    [-0.55, -0.05], the range the scripted engine double produces) is above -0.3, so it is worth
+    running, and when it turns out unsure, tier 0's answer is the better one to keep. `hard` rows:
+    tier 0 is nearly always wrong, so they start at tier 2. Tier 1 repeats tier 0 at a high cost
+    (never worth running)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        hard = rng.random() < 0.3
+        prompt = " ".join(rng.choice(WORDS, 8))
+        gold = rng.choice(["yes", "no"])
+        right0 = rng.random() < (0.05 if hard else 0.7)
+        conf = [rng.uniform(-0.55, -0.05) for _ in range(3)]
+        right = [right0, right0, conf[2] > -0.3]
+        for t in range(3):
+            ans = gold if right[t] else ("no" if gold == "yes" else "yes")
+            rows.append((f"k{i}", t, f"m{t}", prompt, f"answer is {ans}", float(right[t]),
+                         (0.1, 0.6, 0.2)[t], conf[t], "hard" if hard else "easy"))
+    return pd.DataFrame(rows, columns=["row_id", "tier", "model", "prompt", "output", "quality",
+                                       "cost", "mean_logprob", "category"])

@@ -355,7 +355,42 @@ def test_artifact_policy_in_a_job_decides_exactly_as_offline_replay(tmp_path):
     offline = replay(policy, ladder, [policy.default_label]).set_index("row_id")
     assert (offline.loc[out.index, "tiers_run"].map(list) == out.tiers_run.map(list)).all()
     assert (offline.loc[out.index, "final_tier"] == out.final_tier).all()
-    assert out.tiers_run.map(lambda r: r[0]).nunique() >= 1 and (out.tiers_run.map(len) >= 1).all()
+    runs = out.tiers_run.map(list)
+    assert (runs.map(lambda r: r[0]) > 0).sum() > 0                          # started above tier 0
+    assert runs.map(lambda r: any(b - a > 1 for a, b in zip(r, r[1:]))).sum() > 0   # skipped
+
+
+def test_artifact_policy_starts_above_tier_0_skips_tier_1_and_keeps_an_earlier_answer(tmp_path):
+    """On a ladder built for it (tests/synthetic.keeps_earlier), a calibrated policy in a job
+    starts hard rows on tier 2, runs easy rows 0 -> 2 skipping tier 1, and keeps tier 0's answer
+    when tier 2's confidence says it is unsure."""
+    from cascade.artifact import save_policy
+    from cascade.calibrate import fit_policy
+    from cascade.ladder import load_ladder
+    from tests.synthetic import keeps_earlier
+
+    policy, _ = fit_policy(load_ladder(keeps_earlier(3000, seed=5), require_quality=True))
+    save_policy(policy, tmp_path / "policy")
+    logs = keeps_earlier(300, seed=6)
+    first = logs[logs.tier == 0]
+    pd.DataFrame({"id": first.row_id, "prompt": first.prompt, "category": first.category}).to_parquet(
+        tmp_path / "in.parquet")
+    point = policy.points[6].label
+    spec = make_spec(tmp_path, tmp_path / "in.parquet",
+                     policy={"artifact": str(tmp_path / "policy"), "point": point})
+    out = results(run_embedded(spec, engine_factory=scripted_factory()).dir).set_index("id")
+    runs = out.tiers_run.map(list)
+    category = first.set_index("row_id").category
+    started_high = runs.map(lambda r: r[0]) == 2
+    assert started_high.sum() >= 30 and (category[out.index[started_high]] == "hard").mean() > 0.9
+    skipped = runs.map(lambda r: r == [0, 2])
+    assert skipped.sum() >= 100
+    kept_earlier = out.final_tier != runs.map(lambda r: r[-1])
+    assert kept_earlier.sum() >= 30 and (out.final_tier[kept_earlier] == 0).all()
+    for r in out[kept_earlier].itertuples():          # the kept answer is tier 0's, and tier 2
+        assert r.response == r.tiers[0]["response"]  # was the unsure one
+    unsure = out[skipped].tiers.map(lambda ts: ts[-1]["mean_logprob"] < -0.3)
+    assert (kept_earlier[skipped] == unsure).mean() > 0.9
 
 
 def test_calibration_loop_job_to_logs_to_artifact_to_job(tmp_path):
