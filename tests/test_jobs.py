@@ -3,6 +3,7 @@ validation, sharding, coalescing, per-row errors, idempotent units, resume, canc
 
 from __future__ import annotations
 
+import heapq
 import json
 
 import pandas as pd
@@ -540,3 +541,26 @@ def test_a_broken_artifact_fails_before_anything_is_written(tmp_path):
     res = _run_cli(tmp_path, {**raw, "output": str(tmp_path / "job2")})
     assert res.exit_code == 2 and "policy.json is not valid JSON" in res.output
     assert str(tmp_path / "policy" / "policy.json") in res.output
+
+
+def test_cli_resume_finishes_an_embedded_run_that_was_killed(tmp_path):
+    """`cascade resume JOB` on a job without a broker: the embedded branch rebuilds the state
+    from the directory and runs what is left in this process."""
+    import tests.doubles  # noqa: F401  (the scripted engine, by name, for the CLI's workers)
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    inp = write_input(tmp_path / "in.parquet", 40)
+    spec = parse_spec(_raw_spec(tmp_path, inp))
+    ex = LocalExecutor(scripted_factory())
+    job = submit(spec, state=ex.state, dispatch=ex.dispatch)
+    for _ in range(3):                                    # three units, then the process "dies"
+        _, _, jd, uid = heapq.heappop(ex.heap)
+        run_unit(jd, uid, state=ex.state, engine_factory=scripted_factory(), dispatch=ex.dispatch)
+    assert control.status(job.dir)["tiers"][0]["rows_done"] == 24
+    res = CliRunner().invoke(main, ["resume", job.dir])
+    assert res.exit_code == 0, res.output
+    assert f"job {job.id}: done" in res.output
+    out = results(job.dir)
+    assert len(out) == 40 and out.id.is_unique and list(out.extra) == list(range(40))

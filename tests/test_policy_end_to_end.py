@@ -168,7 +168,23 @@ def test_cli_eval_writes_the_papers_tables_through_the_report_renderer(tmp_path)
     md = (out / "report.md").read_text()
     for heading in ("paper Table 1", "paper Table 2", "paper Table 3", "paper Figure 1"):
         assert heading in md
-    assert "13.1, 121.9, 1389.0" in md                 # where the paper disagrees with itself
+    # The regret table and its fitted slope are computed: the slope in the text is the log-log
+    # least-squares fit of the table's own (T, regret) rows.
+    import re
+
+    online = json.loads((out / "summary.json").read_text())["online"]
+    table = pd.DataFrame(online["table"])
+    assert list(table["T"]) == sorted(table["T"]) and table["T"].iloc[-1] <= 1000
+    assert np.allclose(table.mean_regret_per_row, table.regret / table["T"])
+    pos = table[table.regret > 0]
+    slope = np.polyfit(np.log(pos["T"]), np.log(pos.regret), 1)[0]
+    assert online["loglog_slope"] == pytest.approx(slope, abs=1e-9)
+    shown = float(re.search(r"regret against T: \*\*([0-9.-]+)\*\*", md).group(1))
+    assert shown == pytest.approx(slope, abs=5e-3)
+    from cascade.render import fmt
+
+    for t, regret in zip(table["T"], table.regret):
+        assert f"| {fmt(t)} | {fmt(regret)} |" in md
     assert md == (out / "summary.md").read_text()
     html = (out / "report.html").read_text()
     for png in ("frontier.png", "selection.png"):

@@ -216,3 +216,34 @@ def test_every_scoring_sql_file_carries_the_same_scorer():
         assert report.SCORER_MACROS in report.sql_text(name), name
     for name in normalising:
         assert norm_line in report.sql_text(name), name
+
+
+def test_history_calibration_z_test_flags_overconfident_predictions(tmp_path):
+    """The calibration drift test: z = (observed correct - sum of predicted probabilities) /
+    sqrt(sum p(1-p)) over the latest run's tier-0 predictions, flagged when it is far from 0."""
+    import math
+
+    root = tmp_path / "nightly"
+    d = write_job(root / "a", fixture_rows(60, 30))
+    (d / "job.json").write_text(json.dumps({"created": 0}))
+    rows = fixture_rows(60, 30)
+    for i, r in enumerate(rows[:60]):           # sure of itself (p 0.97) and right only half the time
+        r["tiers"][0]["p_quality"] = 0.97
+        if i % 2:
+            r["tiers"][0]["response"] = r["response"] = "negative"
+    d = write_job(root / "b", rows)
+    (d / "job.json").write_text(json.dumps({"created": 1}))
+    _, summary = report.history(str(root))
+    scored = [r for r in rows if r["tiers"][0]["p_quality"] is not None]
+    p = np.array([r["tiers"][0]["p_quality"] for r in scored])
+    right = np.array([r["tiers"][0]["response"].strip(" .").lower() == "positive" for r in scored])
+    z = (right.sum() - p.sum()) / math.sqrt((p * (1 - p)).sum())
+    assert z < -5
+    flagged = {(f["test"], f["tier"]): f for f in summary["drift"]}
+    f = flagged[("calibration (observed vs predicted)", "small")]
+    assert f["z"] == pytest.approx(z) and f["latest"] == pytest.approx(right.mean())
+    assert f["baseline"] == pytest.approx(p.mean())
+    d = write_job(root / "c", fixture_rows(60, 30))           # well calibrated again: not flagged
+    (d / "job.json").write_text(json.dumps({"created": 2}))
+    _, summary = report.history(str(root))
+    assert ("calibration (observed vs predicted)", "small") not in {(f["test"], f["tier"]) for f in summary["drift"]}
