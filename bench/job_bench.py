@@ -62,7 +62,7 @@ def main():
     from jobs import report
     from jobs.executor import LocalExecutor
     from jobs.job import submit
-    from jobs.spec import TierSpec, load_spec
+    from jobs.spec import load_spec
     from workers.engines import base
     from workers.engines.transformers_engine import TransformersEngine
 
@@ -129,19 +129,26 @@ def main():
     for p in per_tier:
         base_rps = plain[p["tier"]]["rows_per_s"]
         p["overhead_ratio"] = base_rps / p["rows_per_s"] if p["rows_per_s"] else None
-    # Every row on the last tier (plain generate, batches of shard_rows): the all-last-tier baseline.
+    # Every row on the last tier: the job's own engine on every prompt, in batches of shard_rows,
+    # charged as the job charges (measured prompt and output tokens), scored with the reports'
+    # label scorer: the all-last-tier baseline, comparable with the job's own figures.
+    import duckdb
+
     last = spec.tiers[-1]
+    engine = base.get_engine(last)
     prompts = list(out.prompt)
-    texts, secs = plain_generate(*plain_models[last.name],
-                                 [prompts[i:i + spec.shard_rows] for i in range(0, len(prompts), spec.shard_rows)],
-                                 last.sampling.max_tokens)
-    norm = pd.Series(texts).str.strip().str.lower()
-    tok = plain_models[last.name][0]
-    in_tok = sum(len(x) for x in tok(prompts)["input_ids"])
-    out_tok = sum(len(tok(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts)  # + the stop token
-    all_last = {"tier": last.name, "rows": len(prompts), "seconds": secs,
-                "quality": float((norm.to_numpy() == out.reference.to_numpy()).mean()),
-                "cost_measured": last.cost.per_input_token * in_tok + last.cost.per_output_token * out_tok}
+    t0 = time.perf_counter()
+    gens = [g for i in range(0, len(prompts), spec.shard_rows)
+            for g in engine.generate(prompts[i:i + spec.shard_rows], last.sampling)]
+    secs = time.perf_counter() - t0
+    con = duckdb.connect()
+    con.execute(report.SCORER_MACROS)
+    scored = pd.DataFrame({"response": [g.text for g in gens], "reference": list(out.reference)})
+    con.register("scored", scored)
+    quality = con.execute("SELECT avg(label_match(response, reference)::DOUBLE) FROM scored").fetchone()[0]
+    all_last = {"tier": last.name, "rows": len(prompts), "seconds": secs, "quality": float(quality),
+                "cost_measured": sum(last.cost.per_input_token * g.prompt_tokens
+                                     + last.cost.per_output_token * g.output_tokens for g in gens)}
 
     q = {r[2] if r[0] == "overall" else f"tier{r[1]}": r[5] for r in res["quality"][1]}
     cost = dict(zip(*[res["cost"][0], res["cost"][1][0]]))

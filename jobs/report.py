@@ -171,15 +171,19 @@ def build(job_dir: str) -> tuple[Doc, dict]:
             doc.image("cost_per_tier.png", bar_png(names, [t["cost"] for t in summary["tiers"]],
                                                    "Cost spent per tier", "cost (configured units)"),
                       "Cost each tier spent, over all the rows it ran")
-    fixed_pts = {f"{t['name']} (all rows)": (t["cost_per_row_if_all"], t["quality_on_rows_run"])
-                 for t in summary["tiers"]}
-    if q is not None:
-        pts = [p for p in fixed_pts.values() if p[0] is not None and p[1] is not None]
+    # A tier's quality is measured on the rows it ran: "all rows" only for a tier that ran every
+    # row; a later tier ran the escalated rows, not a random sample, and is labelled so.
+    fixed_pts = {f"{t['name']} ({'all rows' if t['rows_run'] == summary['rows'] else 'its %d rows' % t['rows_run']})":
+                 (t["cost_per_row_if_all"], t["quality_on_rows_run"]) for t in summary["tiers"]}
+    if q is not None:                       # the fixed-tier line joins only tiers that ran every row
+        pts = [p for k, p in fixed_pts.items() if p[0] is not None and p[1] is not None
+               and k.endswith("(all rows)")]
         doc.h2("Quality/cost frontier")
         doc.p("The job's operating point against each fixed tier. A fixed tier's quality is "
               "measured on the rows it ran: all rows for tier 0 when every row starts there, but "
               "only the escalated rows for later tiers, which are not a random sample (biased "
-              "either way); `cascade eval` on logs where every tier ran gives unbiased frontiers.")
+              "either way): such a tier is plotted as a labelled point with its row count, off the "
+              "fixed-tier line; `cascade eval` on logs where every tier ran gives unbiased frontiers.")
         doc.image("frontier.png", frontier_png({"fixed tiers": pts},
                                                {**fixed_pts, "this job": (summary["cost_per_row"], q)},
                                                "Quality against cost per row"),
