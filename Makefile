@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-artifact test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(BIN)/.installed
 # The demo job on the embedded executor: two real CPU models on 200 SST-2 rows, then the report.
 demo: install
 	$(BIN)/cascade run examples/demo/job.yaml --overwrite
+
+# The demo with a calibrated policy: calibration job, logs, calibrate, artifact job; prints the figures.
+demo-artifact: install
+	$(BIN)/python examples/demo/artifact_demo.py
 
 test: install
 	$(BIN)/python -m pytest -q
