@@ -18,9 +18,9 @@ from scipy import stats
 from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lines_png, reliability_png
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "errors",
-           "latency", "audit", "calibration"]
-NEEDS_REFERENCE = {"quality", "calibration"}
+QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "tier_quality",
+           "errors", "latency", "audit", "calibration"]
+NEEDS_REFERENCE = {"quality", "tier_quality", "calibration"}
 # The label scorer. Each .sql file that scores answers defines these macros itself, so that it
 # runs alone from the duckdb CLI; tests/test_reports.py checks every copy is this text.
 SCORER_MACROS = """\
@@ -39,6 +39,7 @@ TITLES = {
     "latency": "Throughput and latency per tier",
     "audit": "Audits: agreement of the stopping tier with the next tier",
     "calibration": "Predicted against observed quality",
+    "tier_quality": "Later tiers on all rows: quality corrected for selection with the audits",
 }
 
 
@@ -96,6 +97,7 @@ def summarize(job_dir: str, res: dict | None = None) -> dict:
     spent = {r["tier"]: r for r in _dicts(res, "cost_per_tier")}
     fixed = {r["tier"]: r for r in _dicts(res, "fixed_tiers")}
     qual = {r["tier"]: r for r in _dicts(res, "quality") if r["scope"] == "tier"}
+    corrected = {r["tier"]: r for r in _dicts(res, "tier_quality") if r["covers_all_rows"]}
     overall = [r for r in _dicts(res, "quality") if r["scope"] == "overall"]
     cost = _dicts(res, "cost")[0]
     tiers = [{"tier": i, "name": n, "rows": int(sel.get(i, {}).get("rows", 0)),
@@ -103,7 +105,10 @@ def summarize(job_dir: str, res: dict | None = None) -> dict:
               "cost": float(spent.get(i, {}).get("cost") or 0.0),
               "rows_run": int(spent.get(i, {}).get("rows_run") or 0),
               "cost_per_row_if_all": fixed.get(i, {}).get("cost_per_row_if_all"),
-              "quality_on_rows_run": qual.get(i, {}).get("normalised")}
+              "quality_on_rows_run": qual.get(i, {}).get("normalised"),
+              "quality_all_rows": corrected.get(i, {}).get("quality_estimate"),
+              "quality_all_rows_ci": ([corrected[i]["ci_low"], corrected[i]["ci_high"]]
+                                      if corrected.get(i, {}).get("ci_low") is not None else None)}
              for i, n in enumerate(names)]
     with_q = [t for t in tiers if t["quality_on_rows_run"] is not None]
     best = max(with_q, key=lambda t: t["quality_on_rows_run"])["tier"] if with_q else len(names) - 1
@@ -122,6 +127,23 @@ def summarize(job_dir: str, res: dict | None = None) -> dict:
         "errors": int(sum(r["rows"] for r in _dicts(res, "errors"))),
         "unrouted": int(sel.get(None, {}).get("rows", 0)),
     }
+
+
+def fixed_tier_points(summary: dict) -> dict[str, tuple]:
+    """Each tier's (cost per row if it ran every row, quality) for the frontier, labelled with
+    what the quality covers: "all rows" for a tier that ran every row, "all rows, audit-weighted"
+    for a later tier whose quality on all rows the audits estimate without the selection bias,
+    and otherwise "its N rows" (the escalated rows only, which are not a random sample)."""
+    pts = {}
+    for t in summary["tiers"]:
+        if t["rows_run"] == summary["rows"]:
+            label, quality = "all rows", t["quality_on_rows_run"]
+        elif t["quality_all_rows"] is not None:
+            label, quality = "all rows, audit-weighted", t["quality_all_rows"]
+        else:
+            label, quality = f"its {t['rows_run']} rows", t["quality_on_rows_run"]
+        pts[f"{t['name']} ({label})"] = (t["cost_per_row_if_all"], quality)
+    return pts
 
 
 def build(job_dir: str) -> tuple[Doc, dict]:
@@ -145,7 +167,7 @@ def build(job_dir: str) -> tuple[Doc, dict]:
             doc.h2(TITLES[name])
             doc.p("No `reference` column in the input.")
             continue
-        if name in ("calibration", "audit") and not rows:
+        if name in ("calibration", "audit", "tier_quality") and not rows:
             continue
         doc.h2(TITLES[name])
         doc.table(cols, rows)
@@ -171,19 +193,18 @@ def build(job_dir: str) -> tuple[Doc, dict]:
             doc.image("cost_per_tier.png", bar_png(names, [t["cost"] for t in summary["tiers"]],
                                                    "Cost spent per tier", "cost (configured units)"),
                       "Cost each tier spent, over all the rows it ran")
-    # A tier's quality is measured on the rows it ran: "all rows" only for a tier that ran every
-    # row; a later tier ran the escalated rows, not a random sample, and is labelled so.
-    fixed_pts = {f"{t['name']} ({'all rows' if t['rows_run'] == summary['rows'] else 'its %d rows' % t['rows_run']})":
-                 (t["cost_per_row_if_all"], t["quality_on_rows_run"]) for t in summary["tiers"]}
+    fixed_pts = fixed_tier_points(summary)
     if q is not None:                       # the fixed-tier line joins only tiers that ran every row
         pts = [p for k, p in fixed_pts.items() if p[0] is not None and p[1] is not None
-               and k.endswith("(all rows)")]
+               and "(all rows" in k]
         doc.h2("Quality/cost frontier")
         doc.p("The job's operating point against each fixed tier. A fixed tier's quality is "
               "measured on the rows it ran: all rows for tier 0 when every row starts there, but "
               "only the escalated rows for later tiers, which are not a random sample (biased "
-              "either way): such a tier is plotted as a labelled point with its row count, off the "
-              "fixed-tier line; `cascade eval` on logs where every tier ran gives unbiased frontiers.")
+              "either way). Where the job has audits, a later tier's quality on all rows is "
+              "estimated from them without that bias (see the table above, with its interval); "
+              "otherwise the tier is plotted as a labelled point with its row count, off the "
+              "fixed-tier line. `cascade eval` on logs where every tier ran gives exact frontiers.")
         doc.image("frontier.png", frontier_png({"fixed tiers": pts},
                                                {**fixed_pts, "this job": (summary["cost_per_row"], q)},
                                                "Quality against cost per row"),

@@ -247,3 +247,44 @@ def test_history_calibration_z_test_flags_overconfident_predictions(tmp_path):
     (d / "job.json").write_text(json.dumps({"created": 2}))
     _, summary = report.history(str(root))
     assert ("calibration (observed vs predicted)", "small") not in {(f["test"], f["tier"]) for f in summary["drift"]}
+
+
+def test_a_later_tiers_quality_on_all_rows_is_estimated_from_the_audits(tmp_path):
+    """100 rows on tier 0: 40 escalated (tier 1 right on 30), 50 stopped, 10 audited (tier 1 right
+    on 8). Tier 1's quality on all rows, from the audited sample of the 60 would-stop rows:
+    (30 + 60 x 0.8) / 100 = 0.78, with a finite-population standard error; the frontier plots it
+    as 'all rows, audit-weighted' instead of the escalated rows' 0.75."""
+    import math
+
+    rows = []
+    for i in range(100):
+        kind = "esc" if i < 40 else "audit" if i < 50 else "stop"
+        right1 = (i < 30) if kind == "esc" else (i < 48) if kind == "audit" else None
+        t = [rec(0, "negative", cost=1.0, p=0.5, decision="stop" if kind == "stop" else "escalate:1",
+                 audit=kind == "audit")]
+        if kind != "stop":
+            t.append(rec(1, "positive" if right1 else "negative", cost=4.0))
+        final = 1 if kind == "esc" else 0
+        rows.append({"id": f"r{i}", "prompt": "p" * 10, "response": t[final]["response"],
+                     "final_tier": final, "final_tier_name": NAMES[final], "tiers_run": [x["tier"] for x in t],
+                     "tiers": t, "status": "ok", "error": None, "cost": sum(x["cost"] for x in t),
+                     "seconds": 1.0, "reference": "positive"})
+    job = str(write_job(tmp_path / "job", rows))
+    est = {r["tier"]: r for r in [dict(zip(c, x)) for c, xs in [report.run_all(job)["tier_quality"]]
+                                  for x in xs]}[1]
+    assert (est["rows_base"], est["escalated"], est["audited"], est["would_stop"]) == (100, 40, 10, 60)
+    assert est["quality_estimate"] == pytest.approx(0.78) and est["covers_all_rows"]
+    se = 0.6 * math.sqrt(np.var([1] * 8 + [0] * 2, ddof=1) / 10 * (1 - 10 / 60))
+    assert (est["ci_low"], est["ci_high"]) == (pytest.approx(0.78 - 1.96 * se), pytest.approx(0.78 + 1.96 * se))
+    summary = report.summarize(job)
+    assert summary["tiers"][1]["quality_on_rows_run"] == pytest.approx(38 / 50)
+    assert summary["tiers"][1]["quality_all_rows"] == pytest.approx(0.78)
+    pts = report.fixed_tier_points(summary)
+    assert pts[f"{NAMES[1]} (all rows, audit-weighted)"][1] == pytest.approx(0.78)
+    assert pts[f"{NAMES[0]} (all rows)"][1] == pytest.approx(0.0)
+    # without audits there is no estimate, and the point says which rows it covers
+    for r in rows:
+        r["tiers"][0]["audit"] = False
+    job2 = str(write_job(tmp_path / "job2", rows))
+    pts = report.fixed_tier_points(report.summarize(job2))
+    assert f"{NAMES[1]} (its 50 rows)" in pts
