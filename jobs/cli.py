@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -236,5 +237,24 @@ def logs(job_dir, out_path):
                + ("" if info["quality"] else " (no references: no quality column)"))
 
 
+def entry():
+    """The `cascade` console script: the CLI, then a hard exit with its status once everything
+    is flushed. Native thread pools (Arrow's, DuckDB's) could abort the process at interpreter
+    teardown, after the command had finished and printed its result ("terminate called without
+    an active exception", SIGABRT, exit -6 where a script expects 2); the command's work is
+    complete by then, so the process skips that teardown."""
+    try:
+        main(standalone_mode=True)
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            click.echo(exc.code, err=True)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
