@@ -7,6 +7,7 @@ coordination cost does not grow with the job.
 
     .venv/bin/python bench/orchestration_bench.py [--rows 100000] [--shard 256]
     .venv/bin/python bench/orchestration_bench.py --rows 100000 --rows 1000000   # both, compared
+    .venv/bin/python bench/orchestration_bench.py --profile      # where the time goes, per unit
 
 Each size runs in a fresh process, so peak RSS is that size's own.
 """
@@ -69,7 +70,7 @@ def one(work: Path, rows: int, shard: int) -> dict:
     for sub in ("routed", "work", "tiers"):
         for p in (work / "job" / sub).rglob("*.arrow"):
             state_bytes += p.stat().st_size
-            units += sub != "routed"
+            units += sub == "tiers"               # one committed result per unit run
     state_bytes += sum(p.stat().st_size for p in (work / "job").glob("*.json"))
     status = json.loads((work / "job" / "finished.json").read_text())["status"]
     return {"rows": rows, "shard": shard, "units": units, "seconds": round(total, 2),
@@ -81,15 +82,57 @@ def one(work: Path, rows: int, shard: int) -> dict:
             "rows_per_tier": [t["rows_done"] for t in status["tiers"]], "job": job.id}
 
 
+def profile(rows: int, shard: int):
+    """Where the time goes (cProfile, which slows Python-heavy parts more than I/O): cumulative
+    seconds of the job's stages, and per unit."""
+    import cProfile
+    import pstats
+
+    work = make_input(rows)
+    prof = cProfile.Profile()
+    try:
+        r = prof.runcall(one, work, rows, shard)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    st = pstats.Stats(prof)
+    stages = {  # (file suffix, function) -> label
+        ("jobs/units.py", "run_unit"): "units, all of it",
+        ("jobs/units.py", "execute"): "  execute (read, checks, engine, features, decisions, lineage)",
+        ("tests/doubles.py", "generate"): "    the scripted engine double's generate",
+        ("jobs/units.py", "write_result"): "  write_result (Arrow IPC, fsync, link)",
+        ("jobs/coalesce.py", "materialize"): "  materialize cut units (read sources, write)",
+        ("jobs/storage.py", "read_arrow"): "  every Arrow IPC read",
+        ("jobs/job.py", "submit"): "submit (read and check input, write shards)",
+        ("jobs/finalize.py", "write_results"): "finalize",
+    }
+    found = {}
+    for (file, _, func), (_, _, _, cum, _) in st.stats.items():
+        for (suffix, name), label in stages.items():
+            if file.endswith(suffix) and func == name:
+                found[label] = found.get(label, 0.0) + cum
+    fsync = sum(v[3] for k, v in st.stats.items() if k[2] == "<built-in method posix.fsync>")
+    units = r["units"]
+    print(f"{rows:,} rows, {units:,} units, profiled total {r['seconds']:.1f} s:")
+    for label in stages.values():
+        if label in found:
+            print(f"  {label:<66} {found[label]:6.2f} s  {1e3 * found[label] / units:6.2f} ms/unit")
+    print(f"  {'  os.fsync (every durable write)':<66} {fsync:6.2f} s  {1e3 * fsync / units:6.2f} ms/unit")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, action="append")
     ap.add_argument("--shard", type=int, default=256)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one size (cProfile) and print where the time goes, per unit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = args.rows or [100_000]
     if args.one:
         print(json.dumps(one(Path(args.one), sizes[0], args.shard)))
+        return
+    if args.profile:
+        profile(sizes[0], args.shard)
         return
     results = []
     for rows in sizes:
