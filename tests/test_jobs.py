@@ -321,23 +321,33 @@ def test_fsspec_output_directory_and_report(tmp_path):
     assert s["rows"] == 25 and s["cost_total"] == pytest.approx(out.cost.sum())
 
 
+def calibrated_artifact(tmp_path, ladder, cal_rows: int, job_rows: int):
+    """A policy calibrated on `cal_rows` rows of a synthetic ladder, saved to tmp_path/policy,
+    and a job input of `job_rows` other rows (tmp_path/in.parquet). Returns (policy, the input's
+    tier-0 log rows)."""
+    from cascade.artifact import save_policy
+    from cascade.calibrate import fit_policy
+    from cascade.ladder import load_ladder
+
+    policy, _ = fit_policy(load_ladder(ladder(cal_rows, seed=5), require_quality=True))
+    save_policy(policy, tmp_path / "policy")
+    logs = ladder(job_rows, seed=6)
+    first = logs[logs.tier == 0]
+    pd.DataFrame({"id": first.row_id, "prompt": first.prompt, "category": first.category}).to_parquet(
+        tmp_path / "in.parquet")
+    return policy, first
+
+
 def test_artifact_policy_in_a_job_decides_exactly_as_offline_replay(tmp_path):
     """A calibrated artifact drives a job (start tier from the prompt, skips, kept answers); the
     same policy replayed offline on a log of the very outputs the engines give must choose the
     same tiers and the same kept answer for every row."""
-    from cascade.artifact import save_policy
-    from cascade.calibrate import fit_policy
     from cascade.ladder import load_ladder
     from cascade.runtime import replay
     from tests.doubles import ScriptedEngine
     from tests.synthetic import three_tier
 
-    policy, _ = fit_policy(load_ladder(three_tier(900, seed=5), require_quality=True))
-    save_policy(policy, tmp_path / "policy")
-    logs = three_tier(120, seed=6)
-    first = logs[logs.tier == 0]
-    pd.DataFrame({"id": first.row_id, "prompt": first.prompt, "category": first.category}).to_parquet(
-        tmp_path / "in.parquet")
+    policy, first = calibrated_artifact(tmp_path, three_tier, 900, 120)
     spec = make_spec(tmp_path, tmp_path / "in.parquet", policy={"artifact": str(tmp_path / "policy")})
     job = run_embedded(spec, engine_factory=scripted_factory())
     out = results(job.dir).set_index("id")
@@ -365,17 +375,9 @@ def test_artifact_policy_starts_above_tier_0_skips_tier_1_and_keeps_an_earlier_a
     """On a ladder built for it (tests/synthetic.keeps_earlier), a calibrated policy in a job
     starts hard rows on tier 2, runs easy rows 0 -> 2 skipping tier 1, and keeps tier 0's answer
     when tier 2's confidence says it is unsure."""
-    from cascade.artifact import save_policy
-    from cascade.calibrate import fit_policy
-    from cascade.ladder import load_ladder
     from tests.synthetic import keeps_earlier
 
-    policy, _ = fit_policy(load_ladder(keeps_earlier(3000, seed=5), require_quality=True))
-    save_policy(policy, tmp_path / "policy")
-    logs = keeps_earlier(300, seed=6)
-    first = logs[logs.tier == 0]
-    pd.DataFrame({"id": first.row_id, "prompt": first.prompt, "category": first.category}).to_parquet(
-        tmp_path / "in.parquet")
+    policy, first = calibrated_artifact(tmp_path, keeps_earlier, 3000, 300)
     point = policy.points[6].label
     spec = make_spec(tmp_path, tmp_path / "in.parquet",
                      policy={"artifact": str(tmp_path / "policy"), "point": point})
