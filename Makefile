@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python bench/job_bench.py
 	$(BIN)/python bench/orchestration_bench.py --rows 100000 --rows 1000000
 	$(BIN)/python bench/celery_bench.py
+	$(BIN)/python bench/fault_bench.py
 	$(BIN)/python bench/report_bench.py
 
 clean:

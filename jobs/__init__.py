@@ -1,1 +1,1 @@
-"""Batch jobs: spec, input, manifest, coalescing, execution, reports."""
+"""Batch jobs: spec, input, job state (live coordination and recovery), coalescing, execution, reports."""
