@@ -207,11 +207,15 @@ for _, uid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', '-inf', now - st
 end
 return cjson.encode(out)
 -- @finalized
+if redis.call('HEXISTS', P .. 'meta', 'job_id') == 0 then return nil end   -- state gone: the files say
 redis.call('HSET', P .. 'meta', 'state', 'done')
 redis.call('ZREM', P .. 'leases', FINALIZE)
 return nil
 -- @finalize_failed
 -- ARGV: error, due
+if redis.call('HEXISTS', P .. 'meta', 'job_id') == 0 then   -- state gone (Redis restarted):
+  return cjson.encode({state = 'running'})                  -- the rebuild finalizes again
+end
 local attempts = redis.call('HINCRBY', P .. 'meta', 'finalize_attempts', 1)
 redis.call('HSET', P .. 'meta', 'finalize_error', ARGV[3])
 redis.call('ZREM', P .. 'leases', FINALIZE)

@@ -317,7 +317,9 @@ class RedisState:
 
     # ------------------------------------------------------------ life cycle
     def exists(self) -> bool:
-        return bool(self.r.exists(self.p + "meta"))
+        """A complete state is loaded (a script run on a Redis that restarted empty never leaves a
+        partial one, but a whole load is what counts)."""
+        return bool(self.r.hexists(self.p + "meta", "job_id"))
 
     def load(self, snap: dict, now: float):
         """Replace the job's state with a snapshot, in one MULTI/EXEC."""

@@ -139,3 +139,19 @@ def test_cancelled_jobs_start_nothing_and_cut_nothing(state):
     state.start("t0-s0", "w", 1.0)
     adv = state.done("t0-s0", {1: 10}, 2.0)
     assert [(c["rows"], c["sources"]) for c in adv.cuts] == [(13, ["s9", "t0-s0"])]   # FIFO
+
+
+def test_scripts_on_a_state_that_is_gone_change_nothing(state):
+    """Redis restarted empty under a worker: its late calls find nothing and create nothing, so
+    the rebuild from the job directory is not blocked by a half-made state."""
+    assert not state.exists()
+    assert state.start("t0-s0", "w", 1.0)[0] == "unknown"
+    assert state.done("t0-s0", {1: 3}, 2.0).status == "unknown"
+    state.fail("t0-s0", "x", 3.0)
+    state.heartbeat("t0-s0", 3.0)
+    state.queued(["t0-s0"], 3.0)
+    if isinstance(state, RedisState):          # the finalizer's last calls (memory has no gap)
+        state.finalized()
+        assert state.finalize_failed("disk full", 9.0) == "running"
+        assert state.r.keys(state.p + "*") == []
+    assert not state.exists()
