@@ -236,11 +236,13 @@ def test_kill_at_each_point_heals_by_itself(tmp_path, tier_names, own_redis, poi
                       CASCADE_FAILPOINT_DIR=tmp_path / "fp")
     try:
         time.sleep(1.0)                                 # workers up and their reconcilers too
+        t0 = time.time()
         job = submit(spec, broker=url, dispatch=celery_dispatcher(url))
         if point == "holding_rebuild_lock":             # lose the state so that one is rebuilt
             time.sleep(0.5)
             redis.Redis.from_url(url).flushall()
         wait_done(job.dir, 20 * LEASE, cluster.supervise)
+        assert time.time() - t0 < 10 * LEASE            # a few leases, worker restart included
         assert (tmp_path / "fp" / f"{point}.fired").exists()        # the kill happened
         assert cluster.restarts >= 1
         check_results(job.dir, 60)
