@@ -116,6 +116,18 @@ def _has_text(t: pa.DataType) -> bool:
     return pa.types.is_struct(t) and any(_has_text(f.type) for f in t)
 
 
+def _check_text(path: str, batch: pa.RecordBatch, first: int):
+    for name, col in zip(batch.schema.names, batch.columns):
+        if not _has_text(col.type):
+            continue
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            row = next(i for i in range(len(col)) if not _valid(col.take([i])))
+            raise InputError(f"{path}: column {name!r} row {first + row}: text is not valid "
+                             f"UTF-8") from None
+
+
 def _valid(arr: pa.Array) -> bool:
     try:
         arr.validate(full=True)
@@ -141,13 +153,13 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 class InputReader:
     """A job's input read a batch at a time, so that submitting a large input does not hold it
-    in memory. Every file's footer, and every id, is checked before the first row is read: bad
+    in memory. Every file's footer, text and ids are checked before the first row is read: bad
     files, columns, types, incompatible files, null and duplicate ids fail at once."""
 
     def __init__(self, spec_input: str):
         self.spec_input = spec_input
         self.files = input_files(spec_input)
-        self.metas, schemas = [], []
+        self.metas, self.file_schemas, schemas = [], [], []
         for path in self.files:
             try:
                 with fsspec.open(path, "rb") as f:
@@ -156,14 +168,14 @@ class InputReader:
             except Exception as exc:   # pyarrow raises several types for a bad file
                 raise InputError(f"{path}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
             self.metas.append(meta)
+            self.file_schemas.append(schema)
             schemas.append(_check_schema(path, schema, meta.num_rows))
         try:
             self.schema = pa.unify_schemas(schemas, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"input {spec_input}: files have incompatible columns ({exc})") from None
         self.rows = sum(m.num_rows for m in self.metas)
-        self.check_text()
-        self.check_ids()
+        self.check_rows()
 
     def batches(self, size: int):
         """Tables of at most `size` rows, in input order."""
@@ -174,41 +186,28 @@ class InputReader:
                     yield _conform(_rows(path, pa.Table.from_batches([batch]), first), self.schema)
                     first += batch.num_rows
 
-    def check_text(self):
-        """Raise on text that is not valid UTF-8, naming the file, column and row (Parquet does
-        not check; a bad byte would otherwise fail a whole unit later)."""
-        for path, meta in zip(self.files, self.metas):
-            schema = meta.schema.to_arrow_schema()
-            text = [f.name for f in schema if _has_text(f.type)]
-            if not text:
-                continue
-            with fsspec.open(path, "rb") as f:
-                first = 0
-                for batch in pq.ParquetFile(f).iter_batches(columns=text, batch_size=65536):
-                    for name, col in zip(batch.schema.names, batch.columns):
-                        try:
-                            col.validate(full=True)
-                        except pa.ArrowInvalid:
-                            row = next(i for i in range(len(col)) if not _valid(col.take([i])))
-                            raise InputError(f"{path}: column {name!r} row {first + row}: text is "
-                                             f"not valid UTF-8") from None
-                    first += batch.num_rows
-
-    def check_ids(self):
-        """Raise on a null or duplicate id, naming it, its file and its row. Reads only the id
-        column of each file (or makes the ids a file without one gets)."""
+    def check_rows(self):
+        """One pass over the text and id columns of every file: raise on text that is not valid
+        UTF-8 (Parquet does not check; a bad byte would otherwise fail a whole unit later), on a
+        null id, or on a duplicate id, naming the file, column and row."""
         ids = []
-        for path, meta in zip(self.files, self.metas):
-            if "id" in meta.schema.to_arrow_schema().names:
+        for path, meta, schema in zip(self.files, self.metas, self.file_schemas):
+            columns = [f.name for f in schema if _has_text(f.type) or f.name == "id"]
+            first = 0
+            if columns:
                 with fsspec.open(path, "rb") as f:
-                    col = pq.read_table(f, columns=["id"]).column("id")
-                if col.null_count:
-                    row = pc.index(pc.is_null(col), True).as_py()
-                    raise InputError(f"{path}: column 'id' is null at row {row}")
-                ids.append(pc.cast(col, pa.string()))
-            else:
-                ids.append(pa.chunked_array([_made_ids(path, 0, meta.num_rows)]))
-        ids = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())
+                    for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=65536):
+                        _check_text(path, batch, first)
+                        if "id" in columns:
+                            col = batch.column("id")
+                            if col.null_count:
+                                row = first + pc.index(pc.is_null(col), True).as_py()
+                                raise InputError(f"{path}: column 'id' is null at row {row}")
+                            ids.append(pc.cast(col, pa.string()))
+                        first += batch.num_rows
+            if "id" not in columns:
+                ids.append(_made_ids(path, 0, meta.num_rows))
+        ids = pa.chunked_array(ids, pa.string())
         if len(pc.unique(ids)) == len(ids):
             return
         counts = pc.value_counts(ids)

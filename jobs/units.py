@@ -151,6 +151,7 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         for f, v in token_features(gens).items():
             feats[f][idx] = v
     cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
+    seconds = np.where(is_ok, per_row, 0.0)
 
     # Decisions on the rows that answered; an error on this tier ends the row, keeping the
     # answer of the tier it came from, if any. Decision codes: -1 error, 0 stop, k escalate:k.
@@ -182,13 +183,13 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
         pa.array(feats["min_logprob"]), pa.array(p_quality, mask=np.isnan(p_quality)),
         pa.array(labels[code + 1], pa.string()), pa.array(audit),
-        pa.array(np.where(is_ok, per_row, 0.0)), pa.array(cost)], fields=list(TIER_STRUCT))
+        pa.array(seconds), pa.array(cost)], fields=list(TIER_STRUCT))
     cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
     cols["trace"] = trace = append_trace(table.column("trace"), rec)
     cols["next_tier"] = pa.array(next_tier, pa.int32(), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept, pa.int32(), mask=kept < 0)
     cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
-    cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + np.where(is_ok, per_row, 0.0))
+    cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + seconds)
     kept_response = np.asarray(table.column("_response").to_pylist(), dtype=object)
     kept_response[is_ok & (kept == tier)] = response[is_ok & (kept == tier)]
     for i in np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier)):
