@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,12 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -47,22 +40,16 @@ def main():
     from jobs import control
     from jobs.job import submit
     from jobs.spec import parse_spec
+    from tests.redis_server import free_port, start_redis_server
     from workers.celery_app import celery_dispatcher
 
     work = Path(tempfile.mkdtemp(prefix="celery-bench-"))
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
+    server = start_redis_server(port)
     workers = []
     try:
         client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
         n = args.rows
         pq.write_table(pa.table({"prompt": [f"question {i} w{i % 97}" for i in range(n)],
                                  "reference": ["x"] * n}), work / "in.parquet")

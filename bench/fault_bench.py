@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,19 +27,16 @@ def one(seed: int, rows: int, delay: float) -> str:
 
     from jobs.job import submit
     from tests import test_celery_redis as harness
+    from tests.redis_server import free_port, start_redis_server
     from workers.celery_app import celery_dispatcher
 
     work = Path(tempfile.mkdtemp(prefix="fault-bench-"))
-    port = harness.free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     servers = []
 
     def start_redis():
-        servers.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no"],
-                                        stdout=subprocess.DEVNULL, start_new_session=True))
-        while not harness.redis_up(url):
-            time.sleep(0.05)
+        servers.append(start_redis_server(port))
 
     start_redis()
     tiers = [f"f{i}{uuid.uuid4().hex[:4]}" for i in range(3)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,12 @@ import tests.doubles  # noqa: F401  (registers the scripted engine for spec vali
 from jobs import control
 from jobs.job import Job, submit
 from jobs.spec import parse_spec
+from tests.redis_server import free_port, redis_up, start_redis_server
 from workers.celery_app import celery_dispatcher
 
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_REDIS = "redis://127.0.0.1:6379/15"
-
-
-def redis_up(url: str) -> bool:
-    try:
-        return redis.Redis.from_url(url, socket_timeout=1).ping()
-    except redis.exceptions.ConnectionError:
-        return False
 
 
 LEASE = 2.0          # seconds; the fault tests expect recovery within a few leases
@@ -121,12 +114,6 @@ def test_job_through_redis_and_celery_workers(tmp_path, tier_names):
             stop(w)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def own_redis(tmp_path):
     if not shutil.which("redis-server"):
@@ -135,14 +122,8 @@ def own_redis(tmp_path):
     procs = []
 
     def start():
-        p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
-        procs.append(p)
-        for _ in range(100):
-            if redis_up(f"redis://127.0.0.1:{port}/0"):
-                return p
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        procs.append(start_redis_server(port))
+        return procs[-1]
 
     start()
     yield f"redis://127.0.0.1:{port}/0", start, procs
@@ -328,14 +309,8 @@ def test_worker_with_a_wrong_password_fails_at_start_with_a_clear_message(tmp_pa
     if not shutil.which("redis-server"):
         pytest.skip("redis-server not installed")
     port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--requirepass", "s3cret"],
-                              stdout=subprocess.DEVNULL, start_new_session=True)
+    server = start_redis_server(port, password="s3cret")
     try:
-        for _ in range(100):
-            if redis_up(f"redis://:s3cret@127.0.0.1:{port}/0"):
-                break
-            time.sleep(0.05)
         for k, (url, needle) in enumerate(((f"redis://:wrong@127.0.0.1:{port}/0", "refused the password"),
                                            (f"redis://127.0.0.1:{port}/0", "needs a password"))):
             w = start_worker("x", url, tmp_path / f"w{k}.log")
