@@ -5,7 +5,8 @@ function as the Celery workers, lowest tier first, so escalated rows coalesce in
 and each model loads once. Its state store is in memory (jobs.state.MemoryState); the job
 directory holds the truth as for any job, so `cascade resume` finishes a run that was killed.
 No broker, no server, no polling: on one machine a broker would only add serialization and
-latency.
+latency. Its writes to the job directory go through a background writer (jobs.storage.
+WriteBehind: fsynced, in order, read-your-writes), so units compute while the disk syncs.
 
 Cluster (`cascade submit` + `cascade worker`): one Celery task per unit on the queue of its tier.
 """
@@ -17,6 +18,7 @@ import logging
 import time
 
 from jobs import control, job as jobmod, recovery
+from jobs.storage import write_behind
 from jobs.units import run_unit
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,15 @@ class LocalExecutor:
 
 def run_embedded(spec, *, engine_factory=None, progress=None, overwrite=False) -> jobmod.Job:
     ex = LocalExecutor(engine_factory, progress)
-    job = jobmod.submit(spec, broker=None, state=ex.state, dispatch=ex.dispatch, overwrite=overwrite)
-    ex.drain()
+    with write_behind(spec.output):
+        job = jobmod.submit(spec, broker=None, state=ex.state, dispatch=ex.dispatch,
+                            overwrite=overwrite)
+        ex.drain()
     return job
 
 
 def resume_embedded(job_dir: str, *, engine_factory=None, progress=None):
     ex = LocalExecutor(engine_factory, progress)
-    control.resume(job_dir, ex.dispatch, state=ex.state)
-    ex.drain()
+    with write_behind(job_dir):
+        control.resume(job_dir, ex.dispatch, state=ex.state)
+        ex.drain()
