@@ -67,7 +67,7 @@ class WriteBehind:
             err, self.error = self.error, None
             raise OSError(f"{self.root}: a background write failed: {err}") from err
 
-    def put(self, rel: str, data: bytes, once: bool) -> bool:
+    def put(self, rel: str, data: bytes | pa.Buffer, once: bool) -> bool:
         with self.cond:
             self.check()
             if once and (rel in self.pending or os.path.exists(f"{self.root}/{rel}")):
@@ -81,7 +81,7 @@ class WriteBehind:
             self.cond.notify_all()
             return True
 
-    def get(self, rel: str) -> bytes | None:
+    def get(self, rel: str) -> bytes | pa.Buffer | None:
         with self.cond:
             self.check()
             return self.pending.get(rel)
@@ -136,17 +136,15 @@ _BEHIND: dict[str, WriteBehind] = {}
 def write_behind(root: str):
     """Within the block, writes to the local job directory `root` (from any Store of it in this
     process) are made by a background thread (WriteBehind); all are on disk when it ends."""
-    fs, path = fsspec.core.url_to_fs(root)
-    path = path.rstrip("/")
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" not in protocols or path in _BEHIND:
+    store = Store(root)
+    if not store.local or store.root in _BEHIND:
         yield
         return
-    wb = _BEHIND[path] = WriteBehind(path)
+    wb = _BEHIND[store.root] = WriteBehind(store.root)
     try:
         yield
     finally:
-        del _BEHIND[path]
+        del _BEHIND[store.root]
         wb.close()
 
 
@@ -185,6 +183,10 @@ class Store:
         if (wb := self.behind) is not None:
             wb.flush()
 
+    def _pending(self, rel: str) -> bytes | pa.Buffer | None:
+        """The bytes of a write to `rel` not yet on disk (write-behind), else None."""
+        return wb.get(rel) if (wb := self.behind) is not None else None
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
@@ -196,9 +198,7 @@ class Store:
         return f"{proto}://{self.path(rel).lstrip('/')}"
 
     def exists(self, rel: str) -> bool:
-        if (wb := self.behind) is not None and wb.get(rel) is not None:
-            return True
-        return self.fs.exists(self.path(rel))
+        return self._pending(rel) is not None or self.fs.exists(self.path(rel))
 
     def makedirs(self, rel: str = ""):
         self.fs.makedirs(self.path(rel) if rel else self.root, exist_ok=True)
@@ -227,8 +227,8 @@ class Store:
         return True
 
     def read_bytes(self, rel: str) -> bytes:
-        if (wb := self.behind) is not None and (data := wb.get(rel)) is not None:
-            return data
+        if (data := self._pending(rel)) is not None:
+            return data if isinstance(data, bytes) else data.to_pybytes()
         with self.fs.open(self.path(rel), "rb") as f:
             return f.read()
 
@@ -244,7 +244,7 @@ class Store:
         self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str) -> pa.Table:
-        if (wb := self.behind) is not None and (data := wb.get(rel)) is not None:
+        if (data := self._pending(rel)) is not None:
             return pq.read_table(pa.BufferReader(data))
         with self.fs.open(self.path(rel), "rb") as f:
             return pq.read_table(f)
@@ -259,7 +259,7 @@ class Store:
         return self.write_bytes(rel, sink.getvalue(), once=once)
 
     def _open_arrow(self, rel: str) -> ipc.RecordBatchFileReader:
-        if (wb := self.behind) is not None and (data := wb.get(rel)) is not None:
+        if (data := self._pending(rel)) is not None:
             return ipc.open_file(pa.BufferReader(data))
         if self.local:     # the reader keeps the map open; buffers read from it keep it alive
             return ipc.open_file(pa.memory_map(self.path(rel)))
