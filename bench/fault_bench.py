@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def one(seed: int, rows: int, delay: float) -> str:
-    import pandas as pd
+    import polars as pl
 
     from jobs.job import submit
     from tests import test_celery_redis as harness
@@ -62,8 +62,8 @@ def one(seed: int, rows: int, delay: float) -> str:
             harness.wait_done(job.dir, 600, cluster.supervise)
         except AssertionError as exc:
             return f"seed {seed}: NOT finished by itself in 600 s ({exc})"
-        out = pd.read_parquet(f"{job.dir}/results")
-        exact = len(out) == rows and out.id.is_unique
+        out = pl.read_parquet(f"{job.dir}/results/*.parquet")
+        exact = len(out) == rows and out["id"].is_unique().all()
         return (f"seed {seed}: finished by itself in {time.time() - t0:.0f} s after {kills} kill -9 "
                 f"and a Redis restart; {len(out):,} result rows for {rows:,} input rows, "
                 f"{'exactly one each' if exact else 'NOT exactly one each'}")

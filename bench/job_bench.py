@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--cold", action="store_true")
     args = ap.parse_args()
 
-    import pandas as pd
+    import polars as pl
     import torch
 
     from jobs import report
@@ -69,8 +69,8 @@ def main():
     print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
     spec = load_spec(ROOT / "examples/demo/job.yaml")
     work = Path(tempfile.mkdtemp(prefix="job-bench-"))
-    frame = pd.read_parquet(spec.input).head(args.rows)
-    frame.to_parquet(work / "in.parquet")
+    frame = pl.read_parquet(spec.input).head(args.rows)
+    frame.write_parquet(work / "in.parquet")
     spec.input, spec.output = str(work / "in.parquet"), str(work / "job")
 
     loads = {}
@@ -93,7 +93,7 @@ def main():
 
     # Both sides warm: the job's engines (kept loaded by the registry) and the plain models each
     # generate once for 8 prompts before anything is timed; model loads are timed above.
-    warm = list(frame.prompt[:8])
+    warm = frame["prompt"].head(8).to_list()
     plain_models = {}
     for t in spec.tiers:
         base.get_engine(t).generate(warm, t.sampling)
@@ -113,15 +113,15 @@ def main():
         rows, secs = sum(u["rows"] for u in us), sum(u["seconds"] for u in us)
         per_tier.append({"tier": t.name, "units": len(us), "rows": rows, "unit_seconds": secs,
                          "rows_per_s": rows / secs if secs else None})
-    out = pd.read_parquet(Path(job.dir) / "results")
+    out = pl.read_parquet(Path(job.dir) / "results" / "*.parquet")
 
     # The same rows through plain model.generate, in the same batches as the job's units.
     plain = {}
     for i, t in enumerate(spec.tiers):
         batches = []
         for u in sorted((u for u in units if u["tier"] == i), key=lambda u: u["id"]):
-            tab = job.store.read_arrow(u["file"]).to_pandas()
-            batches.append(list(tab[tab.next_tier == i].prompt))
+            tab = pl.from_arrow(job.store.read_arrow(u["file"]))
+            batches.append(tab.filter(pl.col("next_tier") == i)["prompt"].to_list())
         n = sum(map(len, batches))
         _, secs = plain_generate(*plain_models[t.name], batches, t.sampling.max_tokens)
         plain[t.name] = {"rows": n, "batches": [len(b) for b in batches], "seconds": secs,
@@ -136,15 +136,15 @@ def main():
 
     last = spec.tiers[-1]
     engine = base.get_engine(last)
-    prompts = list(out.prompt)
+    prompts = out["prompt"].to_list()
     t0 = time.perf_counter()
     gens = [g for i in range(0, len(prompts), spec.shard_rows)
             for g in engine.generate(prompts[i:i + spec.shard_rows], last.sampling)]
     secs = time.perf_counter() - t0
     con = duckdb.connect()
     con.execute(report.SCORER_MACROS)
-    scored = pd.DataFrame({"response": [g.text for g in gens], "reference": list(out.reference)})
-    con.register("scored", scored)
+    scored = pl.DataFrame({"response": [g.text for g in gens], "reference": out["reference"].to_list()})
+    con.register("scored", scored.to_arrow())
     quality = con.execute("SELECT avg(label_match(response, reference)::DOUBLE) FROM scored").fetchone()[0]
     all_last = {"tier": last.name, "rows": len(prompts), "seconds": secs, "quality": float(quality),
                 "cost_measured": sum(last.cost.per_input_token * g.prompt_tokens

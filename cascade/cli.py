@@ -86,29 +86,23 @@ def replay(policy_dir, logs, out_path, points):
 
     Example: cascade replay policy/ logs.parquet --out decisions.parquet
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cascade.artifact import load_policy
     from cascade.ladder import load_ladder, read_logs
+    from cascade.runtime import DECISIONS
     from cascade.runtime import replay as run_replay
 
     try:
         policy = load_policy(policy_dir)
-        frame = read_logs(logs).drop(columns=["quality"], errors="ignore")  # never read labels
+        frame = read_logs(logs).drop("quality", strict=False)  # never read labels
         ladder = load_ladder(frame, schema=policy.schema, require_cost=False)
         decisions = run_replay(policy, ladder, list(points) or None)
     except (CascadeError, ValueError, KeyError) as exc:
         _fail(exc)
-    table = pa.table({
-        "row_id": pa.array(decisions["row_id"], pa.string()),
-        "point": pa.array(decisions["point"], pa.string()),
-        "final_tier": pa.array(decisions["final_tier"], pa.int64()),
-        "tiers_run": pa.array(decisions["tiers_run"], pa.list_(pa.int64())),
-    })
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_path)
-    click.echo(f"wrote {len(decisions)} decisions ({decisions.point.nunique()} operating points) to {out_path}")
+    pq.write_table(decisions.to_arrow().cast(DECISIONS), out_path)
+    click.echo(f"wrote {len(decisions)} decisions ({decisions['point'].n_unique()} operating points) to {out_path}")
 
 
 @main.command(name="eval")

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import polars as pl
 
 from cascade.baselines import FrugalGPT, random_mix
 from cascade.calibrate import fit_policy
 from cascade.frontier import area, cost_at_quality, oracle_hull, upper_hull, value_at
 from cascade.ladder import Ladder
-from cascade.runtime import replay
+from cascade.runtime import replay, spent
 from cascade.stats import bonferroni, compare
 
 
@@ -29,24 +29,24 @@ def split(ladder: Ladder, calibration_share: float = 0.3) -> tuple[Ladder, Ladde
     return ladder.subset(cal), ladder.subset(~cal)
 
 
-def per_row(decisions: pd.DataFrame, test: Ladder) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def per_row(decisions: pl.DataFrame, test: Ladder) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """point label -> per-row (cost of the tiers run, quality of the kept answer) on test rows."""
-    index = {r: i for i, r in enumerate(test.row_ids.astype(str))}
+    index = pl.DataFrame({"row_id": test.row_ids.astype(str), "i": np.arange(len(test))})
+    decisions = decisions.join(index, on="row_id", how="left", maintain_order="left")
     out = {}
-    for label, g in decisions.groupby("point", sort=False):
-        rows = g["row_id"].map(index).to_numpy()
-        cost = np.array([test.cost[list(tr), i].sum() for tr, i in zip(g["tiers_run"], rows)])
-        out[label] = (cost, test.quality[g["final_tier"].to_numpy(), rows])
+    for (label,), g in decisions.group_by("point", maintain_order=True):
+        rows = g["i"].to_numpy()
+        out[label] = (spent(g["tiers_run"], rows, test.cost), test.quality[g["final_tier"].to_numpy(), rows])
     return out
 
 
 @dataclass
 class EvalResult:
     summary: dict
-    frontier: pd.DataFrame
-    lambdas: pd.DataFrame
-    significance: pd.DataFrame
-    selection: pd.DataFrame
+    frontier: pl.DataFrame
+    lambdas: pl.DataFrame
+    significance: pl.DataFrame
+    selection: pl.DataFrame
 
 
 def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
@@ -76,7 +76,7 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
     target = 0.99 * mq[best]
     cost99 = {k: cost_at_quality(h, target) / mc[best] for k, h in hulls.items()}
 
-    frontier = pd.DataFrame(
+    frontier = pl.DataFrame(
         [{"method": k, "cost": c, "quality": q, "on_hull": bool(np.any(
             np.all(np.isclose(hulls[k], (c, q)), axis=1)))} for k, v in points.items() for c, q in v]
         + [{"method": "oracle", "cost": c, "quality": q, "on_hull": True} for c, q in hulls["oracle"]])
@@ -89,7 +89,7 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
                          "cost_saving_vs_best": float(1 - c.mean() / mc[best]),
                          "speedup_vs_best": float(mc[best] / c.mean()) if c.mean() > 0 else float("inf"),
                          "default": p.label == policy.default_label})
-    lambdas = pd.DataFrame(lam_rows)
+    lambdas = pl.DataFrame(lam_rows)
 
     pc, pq = results[policy.default_label]
     sig = []
@@ -101,17 +101,17 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
     if frugal_rows:
         fc, fq = min(frugal_rows, key=lambda cq: abs(cq[0].mean() - pc.mean()))
         sig.append({"baseline": "FrugalGPT-style cascade at matched cost"} | compare(pq, pc, fq, fc, rng))
-    significance = pd.DataFrame(bonferroni(sig))
+    significance = pl.DataFrame(bonferroni(sig))
 
     sel = []
     for p in policy.points:
-        g = decisions[decisions.point == p.label]
+        g = decisions.filter(pl.col("point") == p.label)
         for t in range(n):
             sel.append({"point": p.label, "tier": t, "model": ladder.models[t],
-                        "answered_share": float((g.final_tier == t).mean()),
-                        "ran_share": float(g.tiers_run.map(lambda tr: t in tr).mean()),
+                        "answered_share": float((g["final_tier"] == t).mean()),
+                        "ran_share": float(g["tiers_run"].list.contains(t).mean()),
                         "default": p.label == policy.default_label})
-    selection = pd.DataFrame(sel)
+    selection = pl.DataFrame(sel)
 
     summary = {
         "rows": {"calibration": len(cal), "test": len(test)}, "tiers": [
@@ -139,7 +139,7 @@ def write(result: EvalResult, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("frontier", "lambdas", "significance", "selection"):
-        getattr(result, name).to_parquet(out / f"{name}.parquet", index=False)
+        getattr(result, name).write_parquet(out / f"{name}.parquet")
     (out / "summary.json").write_text(json.dumps(result.summary, indent=1, default=float))
     doc = document(result)
     doc.write(out)
@@ -156,7 +156,7 @@ def document(res: EvalResult):
 
     s = res.summary
     c99 = s["cost_at_99pct_of_best_quality"]
-    tiers = pd.DataFrame(s["tiers"])
+    tiers = pl.DataFrame(s["tiers"])
     d = s["default_point_test"]
     doc = Doc("Policy evaluation on held-out rows")
     doc.p(f"Calibration rows: {s['rows']['calibration']}, test rows: {s['rows']['test']} "
@@ -173,10 +173,11 @@ def document(res: EvalResult):
     doc.p(f"Default operating point ({s['default_point']}): cost {fmt(d['cost_vs_best'])} of the best "
           f"tier at {fmt(d['quality_vs_best'])} of its quality.")
     f = res.frontier
-    lines = {m: list(zip(g.cost, g.quality)) for m, g in f[f.on_hull].groupby("method")}
-    fixed = f[f.method == "fixed"]
+    lines = {m: list(zip(g["cost"], g["quality"]))
+             for (m,), g in f.filter(pl.col("on_hull")).group_by("method", maintain_order=True)}
+    fixed = f.filter(pl.col("method") == "fixed")
     doc.image("frontier.png", frontier_png(
-        lines, {f"tier {t}": (c, q) for t, (c, q) in enumerate(zip(fixed.cost, fixed.quality))},
+        lines, {f"tier {t}": (c, q) for t, (c, q) in enumerate(zip(fixed["cost"], fixed["quality"]))},
         "Quality/cost frontiers on the test rows"),
         "Upper hulls of the policy's operating points, the fixed tiers, the FrugalGPT-style grid and the oracle")
     doc.h2("Lambda sweep (paper Table 2, measured)")
@@ -193,16 +194,16 @@ def document(res: EvalResult):
     doc.frame(res.significance, ["baseline", "quality_diff", "quality_p_bonferroni", "quality_d",
                                  "cost_reduction", "cost_p_bonferroni", "cost_d"])
     doc.h2("Selection distribution at the default point (paper Figure 1)")
-    sel = res.selection[res.selection["default"]]
+    sel = res.selection.filter(pl.col("default"))
     doc.p("answered_share: rows whose kept answer came from the tier; ran_share: rows on which the "
           "tier ran (the policy may skip tiers, start above tier 0, or keep an earlier answer).")
     doc.frame(sel, ["tier", "model", "answered_share", "ran_share"])
-    doc.image("selection.png", bar_png([f"tier {t}" for t in sel.tier], list(sel.answered_share),
+    doc.image("selection.png", bar_png([f"tier {t}" for t in sel["tier"]], list(sel["answered_share"]),
                                        "Rows answered per tier (default point)", "share of test rows"),
               "Selection distribution at the default operating point")
     if "online" in s:
         o = s["online"]
-        table = pd.DataFrame(o["table"])
+        table = pl.DataFrame(o["table"])
         doc.h2("Online learning regret (paper Table 1, measured)")
         doc.p(f"Rows streamed with replacement from the test rows; audit share {o['audit_share']:.0%} "
               f"after a {o['warmup_rows']}-row warm-up; lambda {fmt(o['lambda'])}; regret against the "
@@ -211,9 +212,9 @@ def document(res: EvalResult):
               "The paper claims O(sqrt(T) log T) while its own Table 1 grows about 10x per 10x in T "
               "(13.1, 121.9, 1389.0), i.e. linearly.")
         doc.frame(table, ["T", "regret", "mean_regret_per_row"])
-        pos = table[table.regret > 0]
+        pos = table.filter(pl.col("regret") > 0)
         if len(pos) >= 2:
-            doc.image("regret.png", lines_png(list(pos["T"]), {"regret": list(pos.regret)},
+            doc.image("regret.png", lines_png(list(pos["T"]), {"regret": list(pos["regret"])},
                                               "Cumulative regret against T", "T (rows)", "regret",
                                               logx=True, logy=True),
                       "Regret of the online policy against the best static policy in hindsight (log-log)")

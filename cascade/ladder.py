@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import polars as pl
+import pyarrow as pa
 
 from cascade.errors import LogFormatError
 
@@ -68,119 +69,135 @@ class Ladder:
         return out
 
 
-def read_logs(path: str | Path) -> pd.DataFrame:
+def read_logs(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if not path.exists():
         raise LogFormatError(f"{path}: no such file")
     try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises many types for unreadable files
+        frame = pl.read_parquet(path)
+    except Exception as exc:  # polars/pyarrow raise many types for unreadable files
         raise LogFormatError(f"{path}: not a readable Parquet file ({exc})") from exc
-    if frame.empty:
+    if frame.is_empty():
         raise LogFormatError(f"{path}: has no rows")
     return frame
 
 
+def as_frame(data) -> pl.DataFrame:
+    """A polars DataFrame from a polars frame, a pyarrow Table, or anything polars.DataFrame
+    takes (a dict of columns, another library's frame through the Arrow interface)."""
+    if isinstance(data, pl.DataFrame):
+        return data
+    if isinstance(data, pa.Table):
+        return pl.from_arrow(data)
+    return pl.DataFrame(data)
+
+
+def _where(frame: pl.DataFrame, mask: pl.Expr) -> dict:
+    """The first row matching `mask` (as a dict)."""
+    return frame.filter(mask).row(0, named=True)
+
+
 def load_ladder(path_or_frame, *, require_quality: bool = False, require_cost: bool = True,
                 schema: dict | None = None) -> Ladder:
-    """Pivot a replay-format log into a Ladder, checking that it is a complete ladder.
+    """Pivot a replay-format log (a Parquet path or a frame, see `as_frame`) into a Ladder,
+    checking that it is a complete ladder.
 
     `schema` (from a policy artifact) fixes which extra columns are read and how, so replay reads
     a file exactly the way calibration did.
     """
-    if isinstance(path_or_frame, pd.DataFrame):
-        frame, where = path_or_frame, "logs"
-    else:
+    if isinstance(path_or_frame, (str, Path)):
         frame, where = read_logs(path_or_frame), str(path_or_frame)
+    else:
+        frame, where = as_frame(path_or_frame), "logs"
     needed = list(REQUIRED) + (["quality"] if require_quality else []) + (["cost"] if require_cost else [])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise LogFormatError(f"{where}: missing column(s) {missing}; have {list(frame.columns)}")
 
-    frame = frame.copy()
-    frame["row_id"] = frame["row_id"].astype(str)
     try:
-        tiers = frame["tier"].astype("int64")
-    except (TypeError, ValueError) as exc:
+        frame = frame.with_columns(pl.col("row_id").cast(pl.String), pl.col("tier").cast(pl.Int64))
+    except pl.exceptions.PolarsError as exc:
         raise LogFormatError(f"{where}: column 'tier' must hold integers ({exc})") from exc
-    frame["tier"] = tiers
-    n = int(tiers.max()) + 1
-    if tiers.min() < 0 or sorted(tiers.unique()) != list(range(n)):
-        raise LogFormatError(f"{where}: column 'tier' must hold 0..n-1 with none missing; "
-                             f"found {sorted(tiers.unique())}")
-    dup = frame.duplicated(["row_id", "tier"])
-    if dup.any():
-        r = frame.loc[dup].iloc[0]
-        raise LogFormatError(f"{where}: row_id {r.row_id!r} appears twice at tier {r.tier}")
-    counts = frame.groupby("row_id", sort=False)["tier"].size()
-    ragged = counts[counts != n]
-    if len(ragged):
-        rid = ragged.index[0]
-        have = sorted(frame.loc[frame.row_id == rid, "tier"].tolist())
+    tiers = sorted(frame["tier"].unique().to_list(), key=lambda t: (t is None, t))
+    n = (tiers[-1] + 1) if tiers and tiers[-1] is not None else 0
+    if tiers != list(range(n)) or n == 0:
+        raise LogFormatError(f"{where}: column 'tier' must hold 0..n-1 with none missing; found {tiers}")
+    dup = pl.struct("row_id", "tier").is_duplicated()
+    if frame.select(dup.any()).item():
+        r = _where(frame, dup)
+        raise LogFormatError(f"{where}: row_id {r['row_id']!r} appears twice at tier {r['tier']}")
+    counts = frame.group_by("row_id", maintain_order=True).len().filter(pl.col("len") != n)
+    if len(counts):
+        rid = counts["row_id"][0]
+        have = sorted(frame.filter(pl.col("row_id") == rid)["tier"].to_list())
         raise LogFormatError(f"{where}: row_id {rid!r} is logged at tiers {have}, not at all "
-                             f"{n} tiers ({len(ragged)} such row_ids)")
+                             f"{n} tiers ({len(counts)} such row_ids)")
     for col in ("quality", "cost"):
         if col in frame.columns:
-            vals = pd.to_numeric(frame[col], errors="coerce")
-            bad = vals.isna() | ~np.isfinite(vals.to_numpy(dtype=float, na_value=np.nan))
+            vals = frame[col].cast(pl.Float64, strict=False)
+            bad = vals.is_null() | ~vals.is_finite()
             if bad.any():
-                r = frame.loc[bad].iloc[0]
+                r = frame.filter(bad).row(0, named=True)
                 raise LogFormatError(f"{where}: column {col!r} is not a finite number at "
-                                     f"row_id {r.row_id!r}, tier {r.tier}")
-            frame[col] = vals.astype(float)
+                                     f"row_id {r['row_id']!r}, tier {r['tier']}")
+            frame = frame.with_columns(vals.alias(col))
     if "cost" in frame.columns and (frame["cost"] < 0).any():
-        r = frame.loc[frame["cost"] < 0].iloc[0]
-        raise LogFormatError(f"{where}: negative cost at row_id {r.row_id!r}, tier {r.tier}")
+        r = _where(frame, pl.col("cost") < 0)
+        raise LogFormatError(f"{where}: negative cost at row_id {r['row_id']!r}, tier {r['tier']}")
 
-    frame = frame.sort_values(["tier", "row_id"], kind="stable")
-    ids = frame.loc[frame.tier == 0, "row_id"].to_numpy()
-    N = len(ids)
+    frame = frame.sort(["tier", "row_id"], maintain_order=True)
+    N = len(frame) // n
+    first = frame.head(N)
+    ids = first["row_id"].to_numpy().astype(object)
 
-    def by_tier(col, dtype=object):
-        return frame[col].to_numpy().reshape(n, N).astype(dtype)
+    def text(series: pl.Series) -> np.ndarray:
+        return series.cast(pl.String, strict=False).fill_null("").to_numpy().astype(object)
 
-    raw = by_tier("output")
-    outputs = np.where(pd.isna(raw), "", raw).astype(object)
-    first = frame[frame.tier == 0]
-    prompts = first["prompt"].fillna("").astype(str).to_numpy()
-    models = ([str(frame.loc[frame.tier == t, "model"].iloc[0]) for t in range(n)]
+    def number(series: pl.Series) -> np.ndarray:
+        return series.cast(pl.Float64, strict=False).fill_null(0.0).fill_nan(0.0).to_numpy()
+
+    outputs = text(frame["output"]).reshape(n, N)
+    prompts = text(first["prompt"])
+    models = (frame["model"].cast(pl.String).gather(np.arange(n) * N).to_list()
               if "model" in frame.columns else [f"tier{t}" for t in range(n)])
 
     if schema is None:
         schema = infer_schema(frame, n, N)
     prompt_text, prompt_num, output_num = {}, {}, {}
     for col in schema.get("prompt_text", []):
-        prompt_text[col] = (first[col].fillna("").astype(str).to_numpy() if col in frame
-                            else np.full(N, "", dtype=object))
+        prompt_text[col] = text(first[col]) if col in frame.columns else np.full(N, "", dtype=object)
     for col in schema.get("prompt_num", []):
-        prompt_num[col] = (pd.to_numeric(first[col], errors="coerce").fillna(0.0).to_numpy(float)
-                           if col in frame else np.zeros(N))
+        prompt_num[col] = number(first[col]) if col in frame.columns else np.zeros(N)
     for col in schema.get("output_num", []):
-        output_num[col] = (pd.to_numeric(frame[col], errors="coerce").fillna(0.0)
-                           .to_numpy(float).reshape(n, N) if col in frame else np.zeros((n, N)))
+        output_num[col] = (number(frame[col]).reshape(n, N) if col in frame.columns
+                           else np.zeros((n, N)))
     return Ladder(
-        row_ids=ids.astype(object), prompts=prompts, outputs=outputs,
-        cost=by_tier("cost", float) if "cost" in frame.columns else None,
-        quality=by_tier("quality", float) if "quality" in frame.columns else None,
-        models=models, prompt_text=prompt_text, prompt_num=prompt_num, output_num=output_num,
+        row_ids=ids, prompts=prompts, outputs=outputs,
+        cost=frame["cost"].to_numpy().reshape(n, N).copy() if "cost" in frame.columns else None,
+        quality=frame["quality"].to_numpy().reshape(n, N).copy() if "quality" in frame.columns else None,
+        models=[str(m) for m in models], prompt_text=prompt_text, prompt_num=prompt_num,
+        output_num=output_num,
     )
 
 
-def infer_schema(frame: pd.DataFrame, n: int, N: int) -> dict:
-    """Sort extra columns into prompt-level text, prompt-level numbers and output-level numbers."""
+def infer_schema(frame: pl.DataFrame, n: int, N: int) -> dict:
+    """Sort extra columns into prompt-level text, prompt-level numbers and output-level numbers.
+
+    A column is prompt-level when it holds one value (nulls included) across a row's tiers."""
     schema = {"prompt_text": [], "prompt_num": [], "output_num": []}
-    for col in frame.columns:
-        if col in KNOWN or col.lower() in LABEL_LIKE:
-            continue
-        series = frame[col]
-        numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
-        if pd.api.types.is_bool_dtype(series):
-            series, numeric = series.astype(float), True
-        values = series.to_numpy().reshape(n, N)
-        same = pd.isna(values) | (values == values[:1])
-        constant = bool(np.all(same & pd.isna(values[:1]) == pd.isna(values)) and np.all(same))
-        if numeric:
+    cols = [c for c, t in frame.schema.items()
+            if c not in KNOWN and c.lower() not in LABEL_LIKE
+            and (t.is_numeric() or t in (pl.Boolean, pl.String, pl.Null))]
+    if not cols:
+        return schema
+    distinct = (frame.group_by("row_id")
+                .agg(pl.col(c).cast(pl.Float64) if frame.schema[c] == pl.Boolean else pl.col(c)
+                     for c in cols)
+                .select(pl.col(c).list.n_unique().max() for c in cols).row(0))
+    for col, most in zip(cols, distinct):
+        dtype, constant = frame.schema[col], (most or 0) <= 1
+        if dtype.is_numeric() or dtype == pl.Boolean:
             schema["prompt_num" if constant else "output_num"].append(col)
-        elif constant and pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        elif constant:
             schema["prompt_text"].append(col)
     return schema

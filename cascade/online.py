@@ -20,7 +20,7 @@ import numpy as np
 
 from cascade.calibrate import fit_policy
 from cascade.ladder import Ladder
-from cascade.runtime import replay
+from cascade.runtime import replay, spent
 
 CHECKPOINTS = (100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
 
@@ -28,8 +28,7 @@ CHECKPOINTS = (100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
 def _rewards(policy, ladder: Ladder, lam: float) -> np.ndarray:
     d = replay(policy, ladder.without_labels())
     rows = np.arange(len(ladder))
-    cost = np.array([ladder.cost[list(tr), i].sum() for tr, i in zip(d["tiers_run"], rows)])
-    return ladder.quality[d["final_tier"].to_numpy(), rows] - lam * cost
+    return ladder.quality[d["final_tier"].to_numpy(), rows] - lam * spent(d["tiers_run"], rows, ladder.cost)
 
 
 def online_regret(pool: Ladder, lam: float, *, max_t: int = 100_000, audit: float = 0.02,

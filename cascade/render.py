@@ -52,8 +52,9 @@ class Doc:
         self.blocks.append(("table", list(cols), [list(r) for r in rows], empty))
 
     def frame(self, frame, cols: list[str] | None = None, empty: str = "none"):
+        """A table from a polars DataFrame's columns `cols` (all by default)."""
         cols = cols or list(frame.columns)
-        self.table(cols, frame[cols].astype(object).itertuples(index=False), empty)
+        self.table(cols, frame.select(cols).rows(), empty)
 
     def image(self, name: str, png: bytes, alt: str):
         self.images[name] = png

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
+import polars as pl
+import pyarrow as pa
 
 from cascade.features import Observations, StateFeaturizer, tier_block
 from cascade.ladder import Ladder
@@ -94,12 +95,14 @@ class _LazyTiers:
         return sub
 
 
-def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> pd.DataFrame:
+def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> pl.DataFrame:
     """Simulate the policy on logged outputs, strictly causally, for each operating point.
 
     A row's decision at state S reads its prompt and the outputs (and realized costs) of the tiers
     in S only: a tier's block is computed from the log when, and for the rows where, the policy
     chooses to run it.
+
+    Returns one row per (point, row): row_id, point, final_tier, tiers_run (in the order run).
     """
     n, N = policy.n_tiers, len(ladder)
     if ladder.n_tiers != n:
@@ -108,7 +111,7 @@ def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> p
     prompt_obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num)
     tiers = _LazyTiers(ladder, policy.calibration.get("tier_cost"))
     final = np.full((len(points), N), -1)
-    paths = [[[] for _ in range(N)] for _ in points]
+    step = np.full((len(points), N, n), -1, np.int16)     # [point, row, tier]: when the tier ran
     at = {((), k): np.arange(N) for k in range(len(points))}
     for state in reversed(solve_order(n)):
         groups = [(k, at.pop((state, k))) for k in range(len(points)) if (state, k) in at]
@@ -126,11 +129,33 @@ def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> p
             for j in np.unique(action[action >= 0]):
                 go = r[action == j]
                 tiers.reveal(int(j), go)
-                for i in go:
-                    paths[k][i].append(int(j))
+                step[k, go, j] = len(state)
                 nxt = (state + (int(j),), k)
                 at[nxt] = np.concatenate([at[nxt], go]) if nxt in at else go
-    frames = [pd.DataFrame({"row_id": ladder.row_ids.astype(str), "point": p.label,
-                            "final_tier": final[k].astype(np.int64), "tiers_run": paths[k]})
-              for k, p in enumerate(points)]
-    return pd.concat(frames, ignore_index=True)
+    return pl.concat([pl.DataFrame({
+        "row_id": ladder.row_ids.astype(str), "point": p.label, "final_tier": final[k].astype(np.int64),
+        "tiers_run": run_order(step[k])}) for k, p in enumerate(points)])
+
+
+# `cascade replay`'s output file; plain (not large) Arrow types, as the README's schema gives.
+DECISIONS = pa.schema([("row_id", pa.string()), ("point", pa.string()), ("final_tier", pa.int64()),
+                       ("tiers_run", pa.list_(pa.int64()))])
+
+
+def run_order(step: np.ndarray) -> pl.Series:
+    """(rows, tiers) step at which each tier ran (-1: never) -> each row's tiers in run order."""
+    n = step.shape[1]
+    ran = step >= 0
+    order = np.argsort(np.where(ran, step, np.iinfo(step.dtype).max), axis=1, kind="stable")
+    lens = ran.sum(1)
+    flat = order[np.arange(n)[None, :] < lens[:, None]].astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return pl.Series(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+
+
+def spent(tiers_run: pl.Series, rows: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Per decision, the summed `cost[tier, row]` of the tiers it ran (`rows`: ladder index)."""
+    lens = tiers_run.list.len().to_numpy()
+    flat = tiers_run.explode().drop_nulls().to_numpy()
+    owner = np.repeat(np.arange(len(lens)), lens)
+    return np.bincount(owner, weights=cost[flat, rows[owner]], minlength=len(lens))

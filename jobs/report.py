@@ -380,7 +380,7 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
 
 
 def replay_logs(job_dir: str):
-    """The job's fully-run rows (every tier answered) in the replay format, as a DataFrame, with
+    """The job's fully-run rows (every tier answered) in the replay format, as a polars DataFrame, with
     `quality` from the reports' label scorer (SCORER_MACROS) when references exist."""
     con = connect(job_dir)
     query = sql_text("replay_logs").rstrip().rstrip(";")
@@ -393,8 +393,8 @@ def replay_logs(job_dir: str):
         refs AS (SELECT id, reference FROM read_parquet(getvariable('job') || '/results/*.parquet'))
         SELECT logs.*, label_match(logs.output, refs.reference)::DOUBLE AS quality
         FROM logs JOIN refs ON logs.row_id = refs.id ORDER BY row_id, tier"""
-    frame = con.execute(query).df()
-    if frame.empty:
+    frame = con.sql(query).pl()
+    if frame.is_empty():
         raise ValueError(f"{job_dir}: no row ran on every tier; run a calibration job whose rule "
                          f"escalates every row (threshold: 0) or with audit_share 1")
     return frame
@@ -405,6 +405,6 @@ def export_logs(job_dir: str, out_path: str) -> dict:
     escalates every row (threshold 0) or a large audit share produces such rows."""
     frame = replay_logs(job_dir)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out_path, index=False)
-    return {"rows": int(frame.row_id.nunique()), "tiers": int(frame.tier.nunique()),
+    frame.write_parquet(out_path)
+    return {"rows": frame["row_id"].n_unique(), "tiers": frame["tier"].n_unique(),
             "quality": "quality" in frame.columns}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+import polars as pl
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
 
 
-def two_tier(n_rows: int, seed: int, c0: float = 0.1, c1: float = 1.0) -> tuple[pd.DataFrame, np.ndarray]:
+def two_tier(n_rows: int, seed: int, c0: float = 0.1, c1: float = 1.0) -> tuple[pl.DataFrame, np.ndarray]:
     """Tier 0 is right with probability p (a prompt-level number the policy can read), tier 1 is
     always right. Returns (logs, p). With reward q - lambda*cost the optimum is closed-form:
     if p >= 1 - lambda*(c1 - c0) run tier 0 and stop, else start at tier 1 (never both);
@@ -25,10 +25,10 @@ def two_tier(n_rows: int, seed: int, c0: float = 0.1, c1: float = 1.0) -> tuple[
         rows.append((rid, 0, "small", prompt, "The answer is (B).", float(right0[i]), c0, p[i]))
         rows.append((rid, 1, "large", prompt, "The answer is (B).", 1.0, c1, p[i]))
     cols = ["row_id", "tier", "model", "prompt", "output", "quality", "cost", "difficulty"]
-    return pd.DataFrame(rows, columns=cols), p
+    return pl.DataFrame(rows, schema=cols, orient="row"), p
 
 
-def three_tier(n_rows: int, seed: int, useless_middle: bool = True) -> pd.DataFrame:
+def three_tier(n_rows: int, seed: int, useless_middle: bool = True) -> pl.DataFrame:
     """A ladder where a latent difficulty drives every tier. Each row has a hidden gold label;
     a right tier says it, a wrong one says the other, so no single output reveals its own
     correctness but agreement between tiers does. With `useless_middle`, tier 1 repeats tier 0's
@@ -50,11 +50,11 @@ def three_tier(n_rows: int, seed: int, useless_middle: bool = True) -> pd.DataFr
             ans = gold if right[t] else ("no" if gold == "yes" else "yes")
             rows.append((f"r{i}", t, f"m{t}", prompt, f"answer is {ans}", float(right[t]),
                          cost[t] * (1 + 0.1 * rng.random()), conf, "cat" + str(int(d[i] * 3))))
-    return pd.DataFrame(rows, columns=["row_id", "tier", "model", "prompt", "output", "quality",
-                                       "cost", "mean_logprob", "category"])
+    return pl.DataFrame(rows, orient="row", schema=["row_id", "tier", "model", "prompt", "output",
+                                                    "quality", "cost", "mean_logprob", "category"])
 
 
-def keeps_earlier(n_rows: int, seed: int) -> pd.DataFrame:
+def keeps_earlier(n_rows: int, seed: int) -> pl.DataFrame:
     """A 3-tier ladder on which the optimal policy starts some rows above tier 0, skips tier 1,
     and sometimes keeps tier 0's answer after running tier 2. `easy` rows: tier 0 is right 70% of
     the time; tier 2 is right exactly when its logged confidence (`mean_logprob`, uniform on
@@ -75,5 +75,5 @@ def keeps_earlier(n_rows: int, seed: int) -> pd.DataFrame:
             ans = gold if right[t] else ("no" if gold == "yes" else "yes")
             rows.append((f"k{i}", t, f"m{t}", prompt, f"answer is {ans}", float(right[t]),
                          (0.1, 0.6, 0.2)[t], conf[t], "hard" if hard else "easy"))
-    return pd.DataFrame(rows, columns=["row_id", "tier", "model", "prompt", "output", "quality",
-                                       "cost", "mean_logprob", "category"])
+    return pl.DataFrame(rows, orient="row", schema=["row_id", "tier", "model", "prompt", "output",
+                                                    "quality", "cost", "mean_logprob", "category"])

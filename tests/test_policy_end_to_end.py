@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +14,7 @@ from cascade.calibrate import fit_policy
 from cascade.cli import main
 from cascade.errors import PolicyArtifactError
 from cascade.ladder import load_ladder
-from cascade.runtime import replay
+from cascade.runtime import replay, spent
 from tests.synthetic import three_tier, two_tier
 
 
@@ -27,10 +27,19 @@ def three():
 
 
 def outcome(decisions, ladder):
+    """Per decision: (cost of the tiers it ran, quality of the answer it kept), row by row in
+    plain Python (the product computes the same columnar, `cascade.runtime.spent`)."""
     idx = {r: i for i, r in enumerate(ladder.row_ids)}
-    rows = decisions.row_id.map(idx).to_numpy()
-    cost = np.array([ladder.cost[list(tr), i].sum() for tr, i in zip(decisions.tiers_run, rows)])
-    return cost, ladder.quality[decisions.final_tier.to_numpy(), rows]
+    rows = np.array([idx[r] for r in decisions["row_id"]])
+    cost = np.array([ladder.cost[list(tr), i].sum() for tr, i in zip(decisions["tiers_run"], rows)])
+    assert np.allclose(cost, spent(decisions["tiers_run"], rows, ladder.cost))
+    return cost, ladder.quality[decisions["final_tier"].to_numpy(), rows]
+
+
+def by_row(decisions, ids):
+    """Decisions reordered to the ladder's row order."""
+    return pl.DataFrame({"row_id": list(ids)}).join(decisions, on="row_id", how="left",
+                                                   maintain_order="left")
 
 
 def test_learned_policy_reaches_closed_form_optimum():
@@ -44,7 +53,7 @@ def test_learned_policy_reaches_closed_form_optimum():
     p = p[np.argsort([f"s2-{i}" for i in range(3000)])]           # ladder rows are sorted by id
     optimum = np.mean(np.maximum(p - lam * c0, 1 - lam * c1))
     assert np.mean(quality - lam * cost) == pytest.approx(optimum, abs=0.02)
-    start = np.array([tr[0] for tr in d.tiers_run])
+    start = np.array([tr[0] for tr in d["tiers_run"]])
     clear = np.abs(p - (1 - lam * (c1 - c0))) > 0.1
     assert np.mean(start[clear] == np.where(p[clear] >= 0.55, 0, 1)) > 0.95
 
@@ -55,11 +64,11 @@ def test_sweep_is_ordered_and_skips_the_useless_tier(three):
     costs = [p.cal_cost for p in policy.points]
     assert costs == sorted(costs)
     d = replay(policy, test.without_labels())
-    by_point = {label: outcome(g, test) for label, g in d.groupby("point", sort=False)}
+    by_point = {label: outcome(g, test) for (label,), g in d.group_by("point", maintain_order=True)}
     cheap, dear = by_point[policy.points[0].label], by_point[policy.points[-1].label]
     assert cheap[0].mean() < dear[0].mean() and cheap[1].mean() < dear[1].mean()
-    default = d[d.point == policy.default_label]
-    assert default.tiers_run.map(lambda tr: 1 in tr).mean() < 0.1
+    default = d.filter(pl.col("point") == policy.default_label)
+    assert default["tiers_run"].list.contains(1).mean() < 0.1
     # the default point keeps ~99% of the best tier's quality for less than its cost
     c, q = outcome(default, test)
     assert q.mean() >= 0.97 * test.quality[2].mean() and c.mean() < test.cost[2].mean()
@@ -71,18 +80,18 @@ def test_replay_is_causal(three):
     """Changing the logs of tiers a row never ran changes none of that row's decisions."""
     policy, _, test = three
     label = policy.default_label
-    d = replay(policy, test.without_labels(), [label]).set_index("row_id").loc[test.row_ids]
+    d = by_row(replay(policy, test.without_labels(), [label]), test.row_ids)
     tampered = test.without_labels()
     tampered.outputs = tampered.outputs.copy()
     tampered.cost = tampered.cost.copy()
-    for i, tr in enumerate(d.tiers_run):
+    for i, tr in enumerate(d["tiers_run"]):
         for t in set(range(3)) - set(tr):
             tampered.outputs[t, i] = "answer is no " * 40
             tampered.cost[t, i] *= 100
             tampered.output_num["mean_logprob"][t, i] = -99.0
-    d2 = replay(policy, tampered, [label]).set_index("row_id").loc[test.row_ids]
-    assert list(d2.final_tier) == list(d.final_tier)
-    assert [list(x) for x in d2.tiers_run] == [list(x) for x in d.tiers_run]
+    d2 = by_row(replay(policy, tampered, [label]), test.row_ids)
+    assert d2["final_tier"].to_list() == d["final_tier"].to_list()
+    assert d2["tiers_run"].to_list() == d["tiers_run"].to_list()
 
 
 def test_artifact_round_trip_and_tamper(three, tmp_path):
@@ -91,7 +100,7 @@ def test_artifact_round_trip_and_tamper(three, tmp_path):
     loaded = load_policy(tmp_path / "p")
     a = replay(policy, test.without_labels())
     b = replay(loaded, test.without_labels())
-    pd.testing.assert_frame_equal(a, b)
+    assert a.equals(b)
     doc = json.loads((tmp_path / "p" / "policy.json").read_text())
     assert doc["format"] == "cascade-policy" and len(doc["version"]) == 12
     raw = bytearray((tmp_path / "p" / "weights.safetensors").read_bytes())
@@ -113,14 +122,14 @@ def test_budget_mode_meets_target_on_new_rows():
 
 def test_cli_calibrate_replay(tmp_path):
     logs = tmp_path / "logs.parquet"
-    three_tier(600, seed=3).to_parquet(logs)
+    three_tier(600, seed=3).write_parquet(logs)
     runner = CliRunner()
     r = runner.invoke(main, ["calibrate", str(logs), "--out", str(tmp_path / "pol"),
                              "--min-quality", "0.95"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "AUC" in r.output and "budget quality 0.95" in r.output
     replay_logs = tmp_path / "replay.parquet"
-    three_tier(200, seed=4).drop(columns=["quality"]).to_parquet(replay_logs)
+    three_tier(200, seed=4).drop("quality").write_parquet(replay_logs)
     out = tmp_path / "decisions.parquet"
     r = runner.invoke(main, ["replay", str(tmp_path / "pol"), str(replay_logs), "--out", str(out)],
                       catch_exceptions=False)
@@ -131,16 +140,17 @@ def test_cli_calibrate_replay(tmp_path):
     assert pa.types.is_list(kind) and pa.types.is_int64(kind.value_type)
     assert pa.types.is_string(table.schema.field("row_id").type)
     assert pa.types.is_int64(table.schema.field("final_tier").type)
-    frame = table.to_pandas()
-    assert frame.point.nunique() >= 20 and len(frame) == 200 * frame.point.nunique()
-    assert all(ft in tr for ft, tr in zip(frame.final_tier, frame.tiers_run))
-    assert all(list(tr) == sorted(set(tr)) for tr in frame.tiers_run)
+    frame = pl.from_arrow(table)
+    points = frame["point"].n_unique()
+    assert points >= 20 and len(frame) == 200 * points
+    assert all(ft in tr for ft, tr in zip(frame["final_tier"], frame["tiers_run"].to_list()))
+    assert all(tr == sorted(set(tr)) for tr in frame["tiers_run"].to_list())
 
 
 def test_cli_errors_name_the_problem(tmp_path):
     runner = CliRunner()
     logs = tmp_path / "logs.parquet"
-    three_tier(50, seed=3).drop(columns=["quality"]).to_parquet(logs)
+    three_tier(50, seed=3).drop("quality").write_parquet(logs)
     r = runner.invoke(main, ["calibrate", str(logs), "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and "missing column(s) ['quality']" in r.output
     r = runner.invoke(main, ["replay", str(tmp_path / "nope"), str(logs), "--out", str(tmp_path / "d.parquet")])
@@ -160,7 +170,7 @@ def test_commands_have_help():
 def test_cli_eval_writes_the_papers_tables_through_the_report_renderer(tmp_path):
     import struct
 
-    three_tier(1200, seed=3).to_parquet(tmp_path / "logs.parquet")
+    three_tier(1200, seed=3).write_parquet(tmp_path / "logs.parquet")
     out = tmp_path / "ev"
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "logs.parquet"), "--out", str(out),
                                     "--max-t", "1000"])
@@ -173,17 +183,17 @@ def test_cli_eval_writes_the_papers_tables_through_the_report_renderer(tmp_path)
     import re
 
     online = json.loads((out / "summary.json").read_text())["online"]
-    table = pd.DataFrame(online["table"])
-    assert list(table["T"]) == sorted(table["T"]) and table["T"].iloc[-1] <= 1000
-    assert np.allclose(table.mean_regret_per_row, table.regret / table["T"])
-    pos = table[table.regret > 0]
-    slope = np.polyfit(np.log(pos["T"]), np.log(pos.regret), 1)[0]
+    table = pl.DataFrame(online["table"])
+    assert table["T"].to_list() == sorted(table["T"]) and table["T"][-1] <= 1000
+    assert np.allclose(table["mean_regret_per_row"], table["regret"] / table["T"])
+    pos = table.filter(pl.col("regret") > 0)
+    slope = np.polyfit(np.log(pos["T"].to_numpy()), np.log(pos["regret"].to_numpy()), 1)[0]
     assert online["loglog_slope"] == pytest.approx(slope, abs=1e-9)
     shown = float(re.search(r"regret against T: \*\*([0-9.-]+)\*\*", md).group(1))
     assert shown == pytest.approx(slope, abs=5e-3)
     from cascade.render import fmt
 
-    for t, regret in zip(table["T"], table.regret):
+    for t, regret in zip(table["T"], table["regret"]):
         assert f"| {fmt(t)} | {fmt(regret)} |" in md
     assert md == (out / "summary.md").read_text()
     html = (out / "report.html").read_text()

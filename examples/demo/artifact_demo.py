@@ -41,12 +41,12 @@ def main():
     (runs / "demo-artifact.yaml").write_text(yaml.safe_dump(spec))
     cascade("run", "runs/demo-artifact.yaml", "--overwrite", "--quiet")
 
-    import pandas as pd
+    import polars as pl
 
-    out = pd.read_parquet(runs / "demo-artifact" / "results")
-    starts = {int(k): int(v) for k, v in out.tiers_run.map(lambda r: int(r[0])).value_counts().sort_index().items()}
-    ran0 = int(out.tiers_run.map(lambda r: 0 in list(r)).sum())
-    kept0 = int((out.final_tier == 0).sum())
+    out = pl.read_parquet(runs / "demo-artifact" / "results" / "*.parquet")
+    starts = dict(out["tiers_run"].list.first().value_counts(sort=False).sort(by="tiers_run").iter_rows())
+    ran0 = int(out["tiers_run"].list.contains(0).sum())
+    kept0 = int((out["final_tier"] == 0).sum())
     quality = [r for r in run_all(str(runs / "demo-artifact"))["quality"][1] if r[0] == "overall"][0][5]
     # every demo row on gemma alone: the demo spec with a rule that escalates every row
     spec.update(name="demo-all", output="runs/demo-all", policy={"rule": {"feature": "first_logprob",
@@ -54,14 +54,14 @@ def main():
     (runs / "demo-all.yaml").write_text(yaml.safe_dump(spec))
     cascade("run", "runs/demo-all.yaml", "--overwrite", "--quiet")
     both = replay_logs(str(runs / "demo-all"))
-    g = both[both.tier == 1]
+    g = both.filter(pl.col("tier") == 1)
     print(f"artifact job: {len(out)} rows; started per tier {starts}; ran tier 0 on {ran0}, "
           f"kept tier 0's answer on {kept0}")
-    print(f"artifact job: quality {quality:.3f}, cost {out.cost.sum():.0f} "
-          f"({out.cost.mean():.1f} per row)")
-    print(f"the same rows, every row on gemma-3-270m: quality {g.quality.mean():.3f}, "
-          f"cost {g.cost.mean():.1f} per row; artifact job cost per row / that = "
-          f"{out.cost.mean() / g.cost.mean():.2f}")
+    print(f"artifact job: quality {quality:.3f}, cost {out['cost'].sum():.0f} "
+          f"({out['cost'].mean():.1f} per row)")
+    print(f"the same rows, every row on gemma-3-270m: quality {g['quality'].mean():.3f}, "
+          f"cost {g['cost'].mean():.1f} per row; artifact job cost per row / that = "
+          f"{out['cost'].mean() / g['cost'].mean():.2f}")
 
 
 if __name__ == "__main__":

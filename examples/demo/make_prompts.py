@@ -9,29 +9,37 @@ examples/demo/calibrate.yaml runs both tiers for every row to choose the demo's 
 
 import sys
 
-import pandas as pd
+import numpy as np
+import polars as pl
 
 ROWS = 200
 
 
+def sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """n rows drawn without replacement by numpy's legacy RandomState(seed), in draw order (the
+    draw the committed prompt files were made with)."""
+    return frame[np.random.RandomState(seed).choice(len(frame), n, replace=False)]
+
+
 def main(src: str, out: str = "examples/demo/prompts.parquet"):
-    d = pd.read_parquet(src)
-    train = d[d.split == "train"].sample(200, random_state=0)
-    train = train[train.text.str.len() < 120]          # short shots keep prompts short (speed)
-    test = d[d.split == "test"].sample(ROWS, random_state=1)
+    d = pl.read_parquet(src)
+    split = pl.col("split")
+    train = sample(d.filter(split == "train"), 200, 0)
+    train = train.filter(pl.col("text").str.len_chars() < 120)   # short shots keep prompts short (speed)
+    test = sample(d.filter(split == "test"), ROWS, 1)
     # Calibration rows for the threshold: training rows that are not shots (calibration.parquet).
-    calib = d[(d.split == "train") & ~d.id.isin(train.id)].sample(ROWS, random_state=2)
-    pos, neg = train[train.label == "positive"], train[train.label == "negative"]
-    shots = pd.concat([pos.iloc[[0]], neg.iloc[[0]], pos.iloc[[1]], neg.iloc[[1]]])
-    head = "".join(f"Review: {r.text}\nSentiment: {r.label}\n\n" for r in shots.itertuples())
+    calib = sample(d.filter((split == "train") & ~pl.col("id").is_in(train["id"].implode())), ROWS, 2)
+    pos, neg = (train.filter(pl.col("label") == lab) for lab in ("positive", "negative"))
+    shots = pl.concat([pos[0], neg[0], pos[1], neg[1]])
+    head = "".join(f"Review: {r['text']}\nSentiment: {r['label']}\n\n" for r in shots.iter_rows(named=True))
     for rows, path in ((test, out), (calib, out.replace("prompts", "calibration"))):
-        frame = pd.DataFrame({
-            "id": "sst2-" + rows.id.astype(str),
-            "prompt": [head + f"Review: {t}\nSentiment:" for t in rows.text],
-            "reference": rows.label.to_numpy(),
-            "review": rows.text.to_numpy(),
-        })
-        frame.to_parquet(path, index=False)
+        frame = rows.select(
+            ("sst2-" + pl.col("id").cast(pl.String)).alias("id"),
+            (head + "Review: " + pl.col("text") + "\nSentiment:").alias("prompt"),
+            pl.col("label").alias("reference"),
+            pl.col("text").alias("review"),
+        )
+        frame.write_parquet(path)
         print(f"wrote {len(frame)} rows to {path}")
 
 

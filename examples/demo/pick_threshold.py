@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from jobs.report import replay_logs  # noqa: E402  (the same rows and scorer as `cascade logs`)
@@ -21,9 +22,9 @@ from jobs.report import replay_logs  # noqa: E402  (the same rows and scorer as 
 def main(job_dir: str, target: str = "0.9"):
     target = float(target)
     logs = replay_logs(job_dir)
-    t0, t1 = (logs[logs.tier == t].set_index("row_id").sort_index() for t in (0, 1))
-    fl, c0, c1 = t0.first_logprob.to_numpy(), t0.cost.to_numpy(), t1.cost.to_numpy()
-    q0, q1 = t0.quality.to_numpy(), t1.quality.to_numpy()
+    t0, t1 = (logs.filter(pl.col("tier") == t).sort("row_id") for t in (0, 1))
+    fl, c0, c1 = t0["first_logprob"].to_numpy(), t0["cost"].to_numpy(), t1["cost"].to_numpy()
+    q0, q1 = t0["quality"].to_numpy(), t1["quality"].to_numpy()
     n = len(fl)
     fixed0, fixed1 = (c0.mean(), q0.mean()), ((c1).mean(), q1.mean())
     slope = (fixed1[1] - fixed0[1]) / (fixed1[0] - fixed0[0])
