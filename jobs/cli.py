@@ -1,5 +1,5 @@
 """The `cascade` command: the policy commands (calibrate, replay, eval) plus the job commands
-(run, submit, worker, status, resume, cancel, report)."""
+(run, submit, worker, status, resume, cancel, report, logs, export)."""
 
 from __future__ import annotations
 
@@ -235,6 +235,26 @@ def logs(job_dir, out_path):
         _fail(exc)
     click.echo(f"wrote {info['rows']} rows x {info['tiers']} tiers to {out_path}"
                + ("" if info["quality"] else " (no references: no quality column)"))
+
+
+@main.command()
+@click.argument("job_dir", metavar="JOB")
+@click.option("--format", "fmt", type=click.Choice(["openai", "parquet", "csv", "jsonl"]), default="openai",
+              show_default=True, help="openai: OpenAI Batch API output lines; the others: the result table.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+def export(job_dir, fmt, out_path):
+    """Write a finished job's results to one file: OpenAI Batch output JSONL (one line per input
+    row, custom_id = the row's id), or the result table as Parquet, CSV or JSON lines.
+
+    Example: cascade export runs/demo --format openai --out answers.jsonl
+    """
+    from jobs.export import export as write
+
+    try:
+        rows = write(job_dir, out_path, fmt)
+    except Exception as exc:      # an unfinished or missing job, an unwritable path
+        _fail(exc)
+    click.echo(f"wrote {rows} rows ({fmt}) to {out_path}")
 
 
 def entry():

@@ -1,4 +1,11 @@
-"""Reading and checking a job's input: one Parquet file, a directory or a glob, a batch at a time.
+"""Reading and checking a job's input: one Parquet or OpenAI Batch JSONL file, a directory or a
+glob of them, a batch at a time.
+
+An OpenAI Batch request file (`.jsonl`, one request per line: custom_id, method, url, body) is read
+as rows of `id` (the custom_id), `prompt` (body.prompt, /v1/completions) or `messages`
+(body.messages, /v1/chat/completions), per-row `max_tokens` and `temperature` (which may lower,
+never raise, the tier's), and `request_model` (body.model, kept for the caller: the ladder
+decides which model answers). A malformed line stops the submit naming the file and line.
 
 Whole-input problems (an unreadable or empty file, a missing or mistyped column, duplicate ids)
 stop the submit with an error naming the file, column or row, and leave nothing written. Row problems (a null or empty
@@ -7,6 +14,8 @@ job and come out with status `error` and a reason.
 """
 
 from __future__ import annotations
+
+import json
 
 import fsspec
 import numpy as np
@@ -25,6 +34,120 @@ class InputError(CascadeError):
     """The job's input cannot be used; the message names the file, column or row."""
 
 
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# The rows an OpenAI Batch request file becomes.
+JSONL_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("messages", MESSAGES_TYPE),
+                          ("max_tokens", pa.int64()), ("temperature", pa.float64()),
+                          ("request_model", pa.string())])
+URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+SUFFIXES = (".parquet", ".jsonl")
+
+
+def is_jsonl(path: str) -> bool:
+    return path.endswith(".jsonl")
+
+
+def _content(value, where: str) -> str:
+    """A message's content: a string, or a list of text parts joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise InputError(f"{where}: only text content parts are supported, found {part!r:.80}")
+            parts.append(part["text"])
+        return "".join(parts)
+    if value is None:
+        return ""
+    raise InputError(f"{where}: message content must be a string or a list of text parts")
+
+
+def openai_request(line: str, where: str) -> dict:
+    """One OpenAI Batch request line as a row of JSONL_SCHEMA; InputError names `where`."""
+    try:
+        req = json.loads(line)
+    except ValueError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(req, dict):
+        raise InputError(f"{where}: a request must be a JSON object")
+    cid = req.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise InputError(f"{where}: 'custom_id' must be a non-empty string")
+    if req.get("method", "POST") != "POST":
+        raise InputError(f"{where}: 'method' must be POST, found {req.get('method')!r}")
+    url = req.get("url")
+    if url not in URLS:
+        raise InputError(f"{where}: 'url' must be one of {sorted(URLS)}, found {url!r}")
+    body = req.get("body")
+    if not isinstance(body, dict):
+        raise InputError(f"{where}: 'body' must be a JSON object")
+    row = {"id": cid, "prompt": None, "messages": None, "max_tokens": None, "temperature": None,
+           "request_model": body.get("model") if isinstance(body.get("model"), str) else None}
+    if URLS[url] == "messages":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(f"{where}: body.messages must be a non-empty list for {url}")
+        out = []
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise InputError(f"{where}: each of body.messages needs a string 'role'")
+            out.append({"role": m["role"], "content": _content(m.get("content"), where)})
+        row["messages"] = out
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InputError(f"{where}: body.prompt must be a string (one prompt per request) for {url}")
+        row["prompt"] = prompt
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise InputError(f"{where}: body.max_tokens must be a positive integer, found {cap!r}")
+        row["max_tokens"] = cap
+    temp = body.get("temperature")
+    if temp is not None:
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0 <= temp:
+            raise InputError(f"{where}: body.temperature must be a number >= 0, found {temp!r}")
+        row["temperature"] = float(temp)
+    return row
+
+
+def jsonl_tables(path: str, size: int):
+    """(line numbers, table) of at most `size` requests at a time from an OpenAI Batch request
+    file, in order; blank lines are skipped; the first malformed line raises InputError."""
+    rows, lines = [], []
+    with fsspec.open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: line {no}: text is not valid UTF-8") from None
+            if not line.strip():
+                continue
+            rows.append(openai_request(line, f"{path}: line {no}"))
+            lines.append(no)
+            if len(rows) == size:
+                yield lines, pa.Table.from_pylist(rows, schema=JSONL_SCHEMA)
+                rows, lines = [], []
+    if rows:
+        yield lines, pa.Table.from_pylist(rows, schema=JSONL_SCHEMA)
+
+
+def _scan_jsonl(path: str) -> pa.Array:
+    """Every line of a request file checked once; returns its ids. A repeated custom_id is named
+    with both line numbers."""
+    seen = {}
+    for lines, table in jsonl_tables(path, 65536):
+        for no, cid in zip(lines, table.column("id").to_pylist()):
+            if cid in seen:
+                raise InputError(f"{path}: line {no}: duplicate custom_id {cid!r} (first on line "
+                                 f"{seen[cid]})")
+            seen[cid] = no
+    return pa.array(list(seen), pa.string())
+
+
 def input_files(spec_input: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(spec_input)
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -32,13 +155,13 @@ def input_files(spec_input: str) -> list[str]:
     if any(ch in path for ch in "*?["):
         files = sorted(fs.glob(path))
     elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        files = sorted(p for p in fs.find(path) if p.endswith(SUFFIXES))
     elif fs.exists(path):
         files = [path]
     else:
         raise InputError(f"input {spec_input}: no such file or directory")
     if not files:
-        raise InputError(f"input {spec_input}: matches no Parquet files")
+        raise InputError(f"input {spec_input}: matches no Parquet or JSONL files")
     return [unstrip(p) for p in files]
 
 
@@ -53,7 +176,10 @@ def _is_messages(t: pa.DataType) -> bool:
 
 def _stem(path: str) -> str:
     name = path.rsplit("/", 1)[-1]
-    return name[:-8] if name.endswith(".parquet") else name
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
@@ -79,6 +205,12 @@ def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
         t = schema.field("id").type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
             raise InputError(f"{path}: column 'id' must hold strings or integers, found {t}")
+    for name, ok, kind in (("max_tokens", pa.types.is_integer, "integers"),
+                           ("temperature", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
+                            "numbers")):
+        if name in cols and not (ok(schema.field(name).type) or pa.types.is_null(schema.field(name).type)):
+            raise InputError(f"{path}: column {name!r} (a per-row cap on the tier's sampling) must "
+                             f"hold {kind}, found {schema.field(name).type}")
     fields = [f for f in schema if f.name not in ("id", "reference", "prompt")]
     fields += [pa.field("id", pa.string()), pa.field("prompt", pa.string())]
     if "reference" in cols:
@@ -159,27 +291,37 @@ class InputReader:
     def __init__(self, spec_input: str):
         self.spec_input = spec_input
         self.files = input_files(spec_input)
-        self.metas, self.file_schemas, schemas = [], [], []
+        self.counts, self.file_schemas, schemas = [], [], []
+        self.jsonl_ids = {}                 # request file -> its custom_ids, checked line by line
         for path in self.files:
-            try:
-                with fsspec.open(path, "rb") as f:
-                    meta = pq.ParquetFile(f).metadata
-                    schema = meta.schema.to_arrow_schema()
-            except Exception as exc:   # pyarrow raises several types for a bad file
-                raise InputError(f"{path}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
-            self.metas.append(meta)
+            if is_jsonl(path):
+                self.jsonl_ids[path] = _scan_jsonl(path)
+                rows, schema = len(self.jsonl_ids[path]), JSONL_SCHEMA
+            else:
+                try:
+                    with fsspec.open(path, "rb") as f:
+                        meta = pq.ParquetFile(f).metadata
+                        schema = meta.schema.to_arrow_schema()
+                except Exception as exc:   # pyarrow raises several types for a bad file
+                    raise InputError(f"{path}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
+                rows = meta.num_rows
+            self.counts.append(rows)
             self.file_schemas.append(schema)
-            schemas.append(_check_schema(path, schema, meta.num_rows))
+            schemas.append(_check_schema(path, schema, rows))
         try:
             self.schema = pa.unify_schemas(schemas, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"input {spec_input}: files have incompatible columns ({exc})") from None
-        self.rows = sum(m.num_rows for m in self.metas)
+        self.rows = sum(self.counts)
         self.check_rows()
 
     def batches(self, size: int):
         """Tables of at most `size` rows, in input order."""
         for path in self.files:
+            if is_jsonl(path):
+                for _, table in jsonl_tables(path, size):
+                    yield _conform(_rows(path, table, 0), self.schema)
+                continue
             with fsspec.open(path, "rb") as f:
                 first = 0
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=size):
@@ -191,7 +333,10 @@ class InputReader:
         UTF-8 (Parquet does not check; a bad byte would otherwise fail a whole unit later), on a
         null id, or on a duplicate id, naming the file, column and row."""
         ids = []
-        for path, meta, schema in zip(self.files, self.metas, self.file_schemas):
+        for path, rows, schema in zip(self.files, self.counts, self.file_schemas):
+            if path in self.jsonl_ids:
+                ids.append(self.jsonl_ids[path])
+                continue
             columns = [f.name for f in schema if _has_text(f.type) or f.name == "id"]
             first = 0
             if columns:
@@ -206,14 +351,14 @@ class InputReader:
                             ids.append(pc.cast(col, pa.string()))
                         first += batch.num_rows
             if "id" not in columns:
-                ids.append(_made_ids(path, 0, meta.num_rows))
+                ids.append(_made_ids(path, 0, rows))
         ids = pa.chunked_array(ids, pa.string())
         if len(pc.unique(ids)) == len(ids):
             return
         counts = pc.value_counts(ids)
         dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         where = pc.index(ids, dup[0]).as_py()
-        ends = np.cumsum([m.num_rows for m in self.metas])
+        ends = np.cumsum(self.counts)
         src = self.files[int(np.searchsorted(ends, where, side="right"))]
         raise InputError(f"{src}: duplicate id {dup[0].as_py()!r} (first at row {where} of the input; "
                          f"{len(dup)} duplicated ids in all)")

@@ -21,6 +21,7 @@ unless the policy is a calibrated artifact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -90,7 +91,10 @@ def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
     messages = table.column("messages").to_pylist() if "messages" in table.column_names else None
     for i in np.flatnonzero(blank):
         p = None
-        if messages is not None and prompts[i] is None and messages[i]:
+        if (messages is not None and prompts[i] is None and messages[i]
+                and not (messages[i][-1].get("content") or "").strip()):
+            errors[i] = "empty message"           # nothing to answer: the last message is blank
+        elif messages is not None and prompts[i] is None and messages[i]:
             try:
                 p = engine.render(messages[i])
             except Exception as exc:      # a chat the template rejects: that row only
@@ -101,6 +105,42 @@ def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
         else:
             prompts[i] = p
     return prompts, errors
+
+
+def _samplings(table: pa.Table, base, rows: list[int]) -> tuple[list, list[str | None]]:
+    """Each row's sampling: the tier's, with the row's own `max_tokens` / `temperature` input
+    columns (where present and not null) lowering it, never raising it; and an error for a row
+    whose cap is not usable."""
+    out, errors = [base] * len(rows), [None] * len(rows)
+    if "max_tokens" not in table.column_names and "temperature" not in table.column_names:
+        return out, errors
+    none = [None] * table.num_rows
+    mts, temps = (table.column(c).to_pylist() if c in table.column_names else none
+                  for c in ("max_tokens", "temperature"))
+    for j, i in enumerate(rows):
+        mt, temp = mts[i], temps[i]
+        if mt is not None and mt < 1:
+            errors[j] = f"max_tokens must be at least 1, found {mt}"
+        elif temp is not None and not temp >= 0:
+            errors[j] = f"temperature must be >= 0, found {temp}"
+        elif (mt is not None and mt < base.max_tokens) or (temp is not None and temp < base.temperature):
+            out[j] = dataclasses.replace(base, max_tokens=min(base.max_tokens, mt or base.max_tokens),
+                                         temperature=min(base.temperature, base.temperature if temp is None else temp))
+    return out, errors
+
+
+def _generate(engine, prompts: list[str], samplings: list) -> list:
+    """One engine call per distinct sampling (one call when no row caps it), answers in order."""
+    if all(s is samplings[0] for s in samplings):
+        return engine.generate(prompts, samplings[0]) if prompts else []
+    groups: dict = {}
+    for j, s in enumerate(samplings):
+        groups.setdefault((s.max_tokens, s.temperature), []).append(j)
+    out = [None] * len(prompts)
+    for members in groups.values():
+        for j, g in zip(members, engine.generate([prompts[j] for j in members], samplings[members[0]])):
+            out[j] = g
+    return out
 
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
@@ -120,20 +160,27 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     else:
         prompts, errors = _prompts(table, engine, ts.name)
     live = [i for i, p in enumerate(prompts) if p is not None]
+    samplings, bad = _samplings(table, ts.sampling, live)
+    if any(bad):
+        for i, e in zip(live, bad):
+            errors[i] = e or errors[i]
+        samplings = [s for s, e in zip(samplings, bad) if e is None]
+        live = [i for i, e in zip(live, bad) if e is None]
     ok = []
     if live:
         counts = np.asarray(engine.count_tokens(live_prompts := [prompts[i] for i in live]))
-        long = counts > engine.context_length - ts.sampling.max_tokens
+        caps = np.array([s.max_tokens for s in samplings])
+        long = counts > engine.context_length - caps
         if long.any():
-            for i, c in zip(np.asarray(live)[long], counts[long]):
-                errors[i] = (f"prompt has {c} tokens; with max_tokens {ts.sampling.max_tokens} it "
+            for i, c, cap in zip(np.asarray(live)[long], counts[long], caps[long]):
+                errors[i] = (f"prompt has {c} tokens; with max_tokens {cap} it "
                              f"exceeds tier {ts.name}'s context of {engine.context_length}")
             ok = [i for i, too in zip(live, long) if not too]
+            samplings = [s for s, too in zip(samplings, long) if not too]
         else:
             ok = live
     t0 = time.perf_counter()
-    gens = engine.generate(live_prompts if ok is live else [prompts[i] for i in ok],
-                           ts.sampling) if ok else []
+    gens = _generate(engine, live_prompts if ok is live else [prompts[i] for i in ok], samplings)
     per_row = (time.perf_counter() - t0) / max(len(ok), 1)
 
     # This tier's answers, column-wise; rows that did not run keep zeros and nulls.

@@ -37,7 +37,9 @@ class ScriptedEngine(Engine):
         for p in prompts:
             words = p.split()
             h = zlib.crc32(p.encode(), zlib.crc32(salt)) % 1000 / 1000.0
-            out.append(Generation(f"{name}:{words[-1]}", [-h, -0.1], "stop", len(words)))
+            logprobs = [-h, -0.1][:sampling.max_tokens]     # two tokens, fewer under a lower cap
+            out.append(Generation(f"{name}:{words[-1]}", logprobs,
+                                  "stop" if len(logprobs) == 2 else "length", len(words)))
         return out
 
 
