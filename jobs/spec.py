@@ -1,4 +1,5 @@
-"""The job spec: a YAML file, validated field by field. Every error names the field it is about."""
+"""The job spec: a YAML file, validated by a declarative pydantic schema (RawJob). Every error
+names the field it is about."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import CascadeError
 
@@ -94,24 +97,182 @@ class JobSpec:
         return cls(**d)
 
 
-def _expect(cond: bool, where: str, msg: str):
-    if not cond:
-        raise SpecError(f"{where}: {msg}")
+# ---------------------------------------------------------------- the spec's declarative schema
+# pydantic models of the YAML as written; parse_spec turns a valid one into the dataclasses
+# above (resolving paths and reading the artifact) and a ValidationError into a SpecError whose
+# message starts with the field's path, e.g. "tiers[0].sampling.max_tokens: must be >= 1, got 0".
+
+Int = Annotated[int, Field(strict=True)]
+PosInt = Annotated[int, Field(strict=True, ge=1)]
+Num = Annotated[float, Field(strict=True)]
+NonNeg = Annotated[float, Field(strict=True, ge=0)]
+Name = Annotated[str, Field(strict=True, pattern=_NAME.pattern)]
 
 
-def _num(v, where, *, lo=None, integer=False, allow_none=False):
-    if v is None and allow_none:
-        return None
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    _expect(ok and not isinstance(v, bool), where,
-            f"must be {'an integer' if integer else 'a number'}, got {v!r}")
-    _expect(lo is None or v >= lo, where, f"must be >= {lo}, got {v!r}")
-    return v
+class _Raw(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _known(d: dict, allowed: set, where: str):
-    extra = sorted(set(d) - allowed)
-    _expect(not extra, where, f"unknown field(s) {extra}; allowed: {sorted(allowed)}")
+class RawSampling(_Raw):
+    max_tokens: PosInt = 16
+    temperature: NonNeg = 0.0
+    seed: Int = 0
+    stop: str | list[str] = []
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        v = [v] if isinstance(v, str) else v
+        if not all(v):
+            raise ValueError("must be a string or a list of non-empty strings")
+        return v
+
+
+class RawCost(_Raw):
+    per_token: NonNeg | None = None
+    per_input_token: NonNeg | None = None
+    per_output_token: NonNeg | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.per_token is not None and (self.per_input_token is not None or self.per_output_token is not None):
+            raise ValueError("give per_token, or per_input_token and per_output_token, not both")
+        return self
+
+
+class RawTier(_Raw):
+    name: Name
+    model: Annotated[str, Field(strict=True, min_length=1)]
+    engine: str = "transformers"
+    sampling: RawSampling = RawSampling()
+    cost: RawCost = RawCost()
+    device: Annotated[str, Field(strict=True, pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    context: PosInt | None = None
+    engine_args: dict = {}
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v):
+        from workers.engines.base import engine_names
+
+        if v not in (names := engine_names()):
+            raise ValueError(f"must be one of {names}, got {v!r}")
+        return v
+
+    @field_validator("sampling", "cost", "engine_args", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        return {} if v is None else v
+
+
+class RawRule(_Raw):
+    feature: Literal[RULE_FEATURES] = "mean_logprob"
+    threshold: Num | None = None
+    thresholds: list[Num] | None = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.threshold is None and self.thresholds is None:
+            raise ValueError("give `threshold` or `thresholds`")
+        return self
+
+
+class RawPolicy(_Raw):
+    artifact: Annotated[str, Field(strict=True, min_length=1)] | None = None
+    point: str | None = None
+    rule: RawRule | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.artifact is None) == (self.rule is None):
+            raise ValueError("give exactly one of `artifact` or `rule`")
+        return self
+
+
+class RawJob(_Raw):
+    name: Name | None = None
+    input: Annotated[str, Field(strict=True, min_length=1)]
+    output: Annotated[str, Field(strict=True, min_length=1)] | None = None
+    tiers: Annotated[list[RawTier], Field(min_length=1)]
+    policy: RawPolicy
+    shard_rows: PosInt = 256
+    batch_rows: PosInt | None = None
+    max_attempts: PosInt = 3
+    audit_share: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique(cls, tiers):
+        seen = set()
+        for t in tiers:
+            if t.name in seen:
+                raise ValueError(f"duplicate tier name {t.name!r}")
+            seen.add(t.name)
+        return tiers
+
+
+# What each kind of pydantic error says in this spec's words.
+_SAYS = {
+    "missing": lambda e: "is required",
+    "int_type": lambda e: f"must be an integer, got {e['input']!r}",
+    "int_parsing": lambda e: f"must be an integer, got {e['input']!r}",
+    "int_from_float": lambda e: f"must be an integer, got {e['input']!r}",
+    "float_type": lambda e: f"must be a number, got {e['input']!r}",
+    "float_parsing": lambda e: f"must be a number, got {e['input']!r}",
+    "greater_than_equal": lambda e: f"must be >= {e['ctx']['ge']}, got {e['input']!r}",
+    "less_than_equal": lambda e: f"must be <= {e['ctx']['le']}, got {e['input']!r}",
+    "string_type": lambda e: f"must be a string, got {e['input']!r}",
+    "string_too_short": lambda e: "must not be empty",
+    "too_short": lambda e: "must be a non-empty list",
+    "list_type": lambda e: f"must be a list, got {type(e['input']).__name__}",
+    "model_type": lambda e: f"must be a mapping, got {type(e['input']).__name__}",
+    "model_attributes_type": lambda e: f"must be a mapping, got {type(e['input']).__name__}",
+    "dict_type": lambda e: f"must be a mapping, got {type(e['input']).__name__}",
+    "literal_error": lambda e: f"must be one of {e['ctx']['expected']}, got {e['input']!r}",
+    "string_pattern_mismatch": lambda e: (
+        f"must be auto, cpu, cuda or cuda:N, got {e['input']!r}" if "cuda" in e["ctx"]["pattern"]
+        else f"must be letters, digits, '_', '.', '-', got {e['input']!r}"),
+}
+
+
+def _path(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "union[", "str", "list[", "float", "int")):
+            out += f".{part}" if out else part
+    return out
+
+
+def _spec_error(exc: ValidationError, raw: dict, where: str) -> SpecError:
+    errors = exc.errors(include_url=False)
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    e = extra[0] if extra else min(errors, key=lambda e: e["type"] in ("missing",))
+    if e["type"] == "extra_forbidden":
+        parent = e["loc"][:-1]
+        model = _model_at(parent)
+        unknown = sorted(x["loc"][-1] for x in extra if x["loc"][:-1] == parent)
+        return SpecError(f"{_path(parent) or where}: unknown field(s) {unknown}; "
+                         f"allowed: {sorted(model.model_fields)}")
+    msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else \
+        _SAYS.get(e["type"], lambda e: e["msg"])(e)
+    return SpecError(f"{_path(e['loc']) or where}: {msg}")
+
+
+def _model_at(loc) -> type[BaseModel]:
+    model = RawJob
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        ann = model.model_fields[part].annotation
+        for cand in (RawTier, RawSampling, RawCost, RawPolicy, RawRule):
+            if cand is ann or cand in getattr(ann, "__args__", ()) or any(
+                    cand in getattr(a, "__args__", ()) for a in getattr(ann, "__args__", ())):
+                model = cand
+                break
+    return model
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -125,120 +286,65 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
     """Validate a parsed YAML mapping into a JobSpec. Relative paths resolve against base_dir
     (the working directory of the command, like the paths given on its command line)."""
     base = Path(base_dir).resolve()
-    _expect(isinstance(raw, dict), where, f"must be a mapping, got {type(raw).__name__}")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: must be a mapping, got {type(raw).__name__}")
     raw = {**raw, **(overrides or {})}
-    _known(raw, {"name", "input", "output", "tiers", "policy", "shard_rows", "batch_rows", "max_attempts",
-                 "audit_share"}, where)
-    for key in ("input", "tiers", "policy"):
-        _expect(key in raw, f"{key}", "is required")
-    name = raw.get("name") or Path(str(raw["input"])).stem
-    _expect(isinstance(name, str) and bool(_NAME.match(name)), "name",
-            f"must be letters, digits, '_', '.', '-', got {name!r}")
-    _expect(isinstance(raw["input"], str) and raw["input"], "input", "must be a path, directory or glob")
-    output = raw.get("output", f"runs/{name}")
-    _expect(isinstance(output, str) and output, "output", "must be a path or filesystem URL")
+    try:
+        spec = RawJob.model_validate(raw)
+    except ValidationError as exc:
+        raise _spec_error(exc, raw, where) from None
+    name = spec.name or Path(spec.input).stem
+    if not _NAME.match(name):
+        raise SpecError(f"name: must be letters, digits, '_', '.', '-', got {name!r}")
 
-    tiers_raw = raw["tiers"]
-    _expect(isinstance(tiers_raw, list) and len(tiers_raw) >= 1, "tiers", "must be a non-empty list")
-    tiers, seen = [], set()
-    for i, t in enumerate(tiers_raw):
-        w = f"tiers[{i}]"
-        _expect(isinstance(t, dict), w, "must be a mapping")
-        _known(t, {"name", "model", "engine", "sampling", "cost", "device", "dtype", "context",
-                   "engine_args"}, w)
-        _expect(isinstance(t.get("name"), str) and bool(_NAME.match(t.get("name") or "")),
-                f"{w}.name", f"must be letters, digits, '_', '.', '-', got {t.get('name')!r}")
-        _expect(t["name"] not in seen, f"{w}.name", f"duplicate tier name {t['name']!r}")
-        seen.add(t["name"])
-        _expect(isinstance(t.get("model"), str) and t.get("model"), f"{w}.model", "is required")
-        engine = t.get("engine", "transformers")
-        from workers.engines.base import engine_names
-
-        names = engine_names()
-        _expect(engine in names, f"{w}.engine", f"must be one of {names}, got {engine!r}")
-        s = t.get("sampling", {}) or {}
-        _expect(isinstance(s, dict), f"{w}.sampling", "must be a mapping")
-        _known(s, {"max_tokens", "temperature", "seed", "stop"}, f"{w}.sampling")
-        stop = s.get("stop", [])
-        stop = [stop] if isinstance(stop, str) else stop
-        _expect(isinstance(stop, list) and all(isinstance(x, str) and x for x in stop),
-                f"{w}.sampling.stop", "must be a string or a list of non-empty strings")
-        sampling = Sampling(
-            max_tokens=_num(s.get("max_tokens", 16), f"{w}.sampling.max_tokens", lo=1, integer=True),
-            temperature=float(_num(s.get("temperature", 0.0), f"{w}.sampling.temperature", lo=0)),
-            seed=_num(s.get("seed", 0), f"{w}.sampling.seed", integer=True), stop=stop)
-        c = t.get("cost", {}) or {}
-        _expect(isinstance(c, dict), f"{w}.cost", "must be a mapping")
-        _known(c, {"per_token", "per_input_token", "per_output_token"}, f"{w}.cost")
-        if "per_token" in c:
-            _expect("per_input_token" not in c and "per_output_token" not in c, f"{w}.cost",
-                    "give per_token, or per_input_token and per_output_token, not both")
-            pt = float(_num(c["per_token"], f"{w}.cost.per_token", lo=0))
-            cost = Cost(pt, pt)
-        else:
-            cost = Cost(float(_num(c.get("per_input_token", 0.0), f"{w}.cost.per_input_token", lo=0)),
-                        float(_num(c.get("per_output_token", 0.0), f"{w}.cost.per_output_token", lo=0)))
-        device = t.get("device", "auto")
-        _expect(isinstance(device, str) and re.match(r"^(auto|cpu|cuda(:\d+)?)$", device) is not None,
-                f"{w}.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
-        dtype = t.get("dtype", "auto")
-        _expect(dtype in ("auto", "float32", "bfloat16", "float16"), f"{w}.dtype",
-                f"must be auto, float32, bfloat16 or float16, got {dtype!r}")
-        context = _num(t.get("context"), f"{w}.context", lo=1, integer=True, allow_none=True)
-        engine_args = t.get("engine_args", {}) or {}
-        _expect(isinstance(engine_args, dict), f"{w}.engine_args", "must be a mapping")
-        model = t["model"]
+    tiers = []
+    for t in spec.tiers:
+        c = t.cost
+        cost = (Cost(c.per_token, c.per_token) if c.per_token is not None
+                else Cost(c.per_input_token or 0.0, c.per_output_token or 0.0))
+        s = t.sampling
+        model = t.model
         if not model.startswith("package:") and (base / model).exists():
             model = _resolve(model, base)       # a local file or directory
-        tiers.append(TierSpec(t["name"], model, engine, sampling, cost, device, dtype, context,
-                              engine_args))
+        tiers.append(TierSpec(t.name, model, t.engine,
+                              Sampling(s.max_tokens, float(s.temperature), s.seed, list(s.stop)),
+                              cost, t.device, t.dtype, t.context, dict(t.engine_args)))
 
-    p = raw["policy"]
-    _expect(isinstance(p, dict), "policy", "must be a mapping with `artifact` or `rule`")
-    _known(p, {"artifact", "point", "rule"}, "policy")
-    _expect(("artifact" in p) != ("rule" in p), "policy", "give exactly one of `artifact` or `rule`")
-    if "artifact" in p:
-        art = _resolve(str(p["artifact"]), base)
-        _expect((Path(art) / "policy.json").exists(), "policy.artifact",
-                f"no policy.json in {art} (write one with `cascade calibrate`)")
+    p = spec.policy
+    if p.artifact is not None:
+        art = _resolve(p.artifact, base)
+        if not (Path(art) / "policy.json").exists():
+            raise SpecError(f"policy.artifact: no policy.json in {art} (write one with `cascade calibrate`)")
         try:
             meta = json.loads((Path(art) / "policy.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SpecError(f"policy.artifact: {Path(art) / 'policy.json'} is not valid JSON ({exc})") from None
-        _expect(isinstance(meta, dict), "policy.artifact", f"{Path(art) / 'policy.json'} is not a JSON object")
+        if not isinstance(meta, dict):
+            raise SpecError(f"policy.artifact: {Path(art) / 'policy.json'} is not a JSON object")
         n = int(meta.get("n_tiers", 0))
-        _expect(n == len(tiers), "policy.artifact",
-                f"policy was calibrated for {n} tiers, the job has {len(tiers)}")
+        if n != len(tiers):
+            raise SpecError(f"policy.artifact: policy was calibrated for {n} tiers, the job has {len(tiers)}")
         labels = [pt["label"] for pt in meta.get("points", [])]
-        point = p.get("point")
-        _expect(point is None or point in labels, "policy.point",
-                f"{point!r} is not an operating point of the artifact; have {labels[:5]}...")
-        policy = PolicySpec(artifact=art, point=point)
+        if p.point is not None and p.point not in labels:
+            raise SpecError(f"policy.point: {p.point!r} is not an operating point of the artifact; "
+                            f"have {labels[:5]}...")
+        policy = PolicySpec(artifact=art, point=p.point)
     else:
-        r = p["rule"]
-        _expect(isinstance(r, dict), "policy.rule", "must be a mapping with feature and threshold(s)")
-        _known(r, {"feature", "threshold", "thresholds"}, "policy.rule")
-        feature = r.get("feature", "mean_logprob")
-        _expect(feature in RULE_FEATURES, "policy.rule.feature",
-                f"must be one of {list(RULE_FEATURES)}, got {feature!r}")
-        if "thresholds" in r:
-            th = r["thresholds"]
-            _expect(isinstance(th, list) and len(th) == len(tiers) - 1, "policy.rule.thresholds",
-                    f"must list one threshold per tier except the last ({len(tiers) - 1})")
-            th = [float(_num(x, f"policy.rule.thresholds[{i}]")) for i, x in enumerate(th)]
+        r = p.rule
+        if r.thresholds is not None:
+            if len(r.thresholds) != len(tiers) - 1:
+                raise SpecError(f"policy.rule.thresholds: must list one threshold per tier except "
+                                f"the last ({len(tiers) - 1})")
+            th = [float(x) for x in r.thresholds]
         else:
-            _expect("threshold" in r, "policy.rule", "give `threshold` or `thresholds`")
-            th = [float(_num(r["threshold"], "policy.rule.threshold"))] * (len(tiers) - 1)
-        policy = PolicySpec(feature=feature, thresholds=th)
+            th = [float(r.threshold)] * (len(tiers) - 1)
+        policy = PolicySpec(feature=r.feature, thresholds=th)
 
-    shard_rows = _num(raw.get("shard_rows", 256), "shard_rows", lo=1, integer=True)
-    batch_rows = _num(raw.get("batch_rows"), "batch_rows", lo=1, integer=True, allow_none=True)
-    attempts = _num(raw.get("max_attempts", 3), "max_attempts", lo=1, integer=True)
-    audit = float(_num(raw.get("audit_share", 0.0), "audit_share", lo=0))
-    _expect(audit <= 1, "audit_share", f"must be in [0, 1], got {audit}")
-    return JobSpec(name=name, input=_resolve(raw["input"], base), output=_resolve(output, base),
-                   tiers=tiers, policy=policy, shard_rows=shard_rows, batch_rows=batch_rows,
-                   audit_share=audit, max_attempts=attempts, base_dir=str(base))
+    return JobSpec(name=name, input=_resolve(spec.input, base),
+                   output=_resolve(spec.output or f"runs/{name}", base), tiers=tiers, policy=policy,
+                   shard_rows=spec.shard_rows, batch_rows=spec.batch_rows,
+                   audit_share=float(spec.audit_share), max_attempts=spec.max_attempts,
+                   base_dir=str(base))
 
 
 def load_spec(path: str | Path, *, overrides: dict | None = None) -> JobSpec:

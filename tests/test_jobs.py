@@ -145,6 +145,15 @@ def test_directory_and_glob_inputs_get_stable_ids(tmp_path):
     ({"policy": {"artifact": "/nowhere"}}, "policy.artifact: no policy.json"),
     ({"shard_rows": "ten"}, "shard_rows: must be an integer"),
     ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+    ({"tiers": [{"name": "a", "model": "m", "sampling": {"topk": 3}}]},
+     r"tiers\[0\].sampling: unknown field\(s\) \['topk'\]; allowed: \['max_tokens'"),
+    ({"tiers": [{"name": "a", "model": "m", "cost": {"per_token": 1, "per_input_token": 2}}]},
+     r"tiers\[0\].cost: give per_token, or per_input_token and per_output_token, not both"),
+    ({"tiers": [{"name": "a", "model": "m", "device": "gpu"}]}, r"tiers\[0\].device: must be auto, cpu, cuda"),
+    ({"tiers": [{"name": "a", "model": "m", "sampling": {"temperature": True}}]},
+     r"tiers\[0\].sampling.temperature: must be a number, got True"),
+    ({"policy": {"rule": {"threshold": 0}, "artifact": "p"}}, "policy: give exactly one of"),
+    ({"audit_share": 2}, "audit_share: must be <= 1"),
 ])
 def test_spec_errors_name_the_field(tmp_path, patch, needle):
     inp = write_input(tmp_path / "in.parquet", 3)
