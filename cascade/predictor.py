@@ -68,20 +68,20 @@ def logits_of(models: list[QualityMLP], x: np.ndarray) -> np.ndarray:
     return np.mean([m(xt).numpy() for m in models], axis=0)
 
 
-def fit_platt(logit: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
-    """Scale a, shift b minimising BCE of sigmoid(a*logit+b) against y (Newton's method)."""
-    a, b = 1.0, 0.0
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-(a * logit + b)))
-        w = np.maximum(p * (1 - p), 1e-9)
-        g = np.array([np.sum((p - y) * logit), np.sum(p - y)])
-        h = np.array([[np.sum(w * logit * logit), np.sum(w * logit)],
-                      [np.sum(w * logit), np.sum(w)]]) + 1e-6 * np.eye(2)
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(a), float(b)
+def fit_platt(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Scale a, shift b minimising the cross-entropy of sigmoid(a*logit+b) against y in [0, 1]:
+    an unpenalised (C=inf) scikit-learn logistic regression on the logit, a soft label q entered as a
+    positive of weight q and a negative of weight 1-q."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
+    if y.min() == y.max():                     # one class only: keep the logits as they are
+        return 1.0, 0.0
+    x = np.concatenate([logit, logit]).astype(np.float64).reshape(-1, 1)
+    label = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
+    lr = LogisticRegression(C=np.inf, tol=1e-10, max_iter=200)
+    lr.fit(x, label, sample_weight=np.concatenate([y, 1 - y]))
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
 def apply_platt(logit: np.ndarray, ab: np.ndarray) -> np.ndarray:
@@ -136,18 +136,19 @@ def cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float | None:
-    """Area under the ROC curve for binary y (ties counted half); None if one class only."""
-    y = y > 0.5
-    pos, neg = y.sum(), (~y).sum()
-    if pos == 0 or neg == 0:
+    """Area under the ROC curve (scikit-learn) for y > 0.5 as the positive class; None if one
+    class only."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y) > 0.5
+    if y.all() or not y.any():
         return None
-    from scipy.stats import rankdata
-    ranks = rankdata(score)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(roc_auc_score(y, score))
 
 
 def ece(prob: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error with equal-width bins."""
+    """Expected calibration error with equal-width bins. Written here: scikit-learn has no ECE,
+    and its calibration_curve takes neither soft labels (quality 0.5) nor returns bin counts."""
     edges = np.linspace(0, 1, bins + 1)
     idx = np.clip(np.digitize(prob, edges) - 1, 0, bins - 1)
     total = 0.0
