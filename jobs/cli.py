@@ -17,36 +17,79 @@ from cascade.errors import CascadeError
 USER_ERRORS = (CascadeError, FileNotFoundError, FileExistsError, KeyError, ValueError)
 
 
-def _bar(done: int, total: int, width: int = 28) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
-
-
-def render_status(st: dict, tty: bool) -> str:
+def render_status(st: dict) -> str:
+    """The status as plain text: what `cascade status` prints where there is no terminal (CI,
+    pipes, log files), and its JSON-free summary."""
     lines = [f"job {st['job_id']}  state {st['state']}  rows {st['rows']}  dir {st['dir']}"]
     for t in st["tiers"]:
         states = ", ".join(f"{k} {v['units']} units/{v['rows']} rows" for k, v in sorted(t["states"].items()))
-        total = sum(v["rows"] for v in t["states"].values()) + t["waiting_rows"]
-        bar = _bar(t["rows_done"], total) + "  " if tty else ""
-        lines.append(f"  tier {t['tier']} {t['name']:<14} {bar}{states or 'no units'}; "
-                     f"waiting to coalesce {t['waiting_rows']} rows; escalated {t['escalated']}")
-    for f in st["failed"]:
-        lines.append(f"  RETRYING {f['unit']} (attempt {f['attempts']} failed): {f['error']}")
-    if st.get("finalize_error"):
-        lines.append(f"  FINALIZE FAILED: {st['finalize_error']}")
+        lines.append(f"  tier {t['tier']} {t['name']:<14} {_detail(t, states)}")
+    lines += _alerts(st)
     return "\n".join(lines)
 
 
-_LAST = [0.0]
+def _detail(t: dict, states: str | None = None) -> str:
+    if states is None:
+        states = ", ".join(f"{k} {v['units']}u/{v['rows']}r" for k, v in sorted(t["states"].items()))
+    return (f"{states or 'no units'}; waiting to coalesce {t['waiting_rows']} rows; "
+            f"escalated {t['escalated']}")
 
 
-def _progress(st, every: float = 5.0):
-    """Status on stderr while an embedded job runs: at most every `every` seconds, and at the end."""
-    now = time.monotonic()
-    if st["state"] == "running" and now - _LAST[0] < every:
-        return
-    _LAST[0] = now
-    click.echo(render_status(st, sys.stderr.isatty()), err=True)
+def _alerts(st: dict) -> list[str]:
+    out = [f"  RETRYING {f['unit']} (attempt {f['attempts']} failed): {f['error']}" for f in st["failed"]]
+    if st.get("finalize_error"):
+        out.append(f"  FINALIZE FAILED: {st['finalize_error']}")
+    return out
+
+
+class StatusView:
+    """A job's status as it changes. On a terminal: one rich progress bar per tier (rows done of
+    the rows that reached the tier), redrawn in place. Elsewhere (CI, pipes, log files): a
+    plain-text block per refresh, at most every `every` seconds and always at the end."""
+
+    def __init__(self, stderr: bool = False, every: float = 5.0):
+        from rich.console import Console
+
+        self.console = Console(stderr=stderr, highlight=False)
+        self.tty = self.console.is_terminal
+        self.every, self.last = every, -float("inf")
+        self.progress, self.tasks, self.shown = None, {}, set()
+
+    def update(self, st: dict):
+        if not self.tty:
+            now = time.monotonic()
+            if st["state"] == "running" and now - self.last < self.every:
+                return
+            self.last = now
+            self.console.out(render_status(st), highlight=False)
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        if self.progress is None:
+            self.console.print(f"job {st['job_id']}  rows {st['rows']}  dir {st['dir']}")
+            self.progress = Progress(TextColumn("tier {task.fields[tier]} {task.description:<14}"),
+                                     BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+                                     console=self.console)
+            self.progress.start()
+        for t in st["tiers"]:
+            total = sum(v["rows"] for v in t["states"].values()) + t["waiting_rows"]
+            if t["tier"] not in self.tasks:
+                self.tasks[t["tier"]] = self.progress.add_task(t["name"], total=0, tier=t["tier"], detail="")
+            self.progress.update(self.tasks[t["tier"]], total=total, completed=t["rows_done"],
+                                 detail=_detail(t))
+        for line in _alerts(st):
+            if line not in self.shown:
+                self.shown.add(line)
+                self.progress.console.print(line)
+        if st["state"] != "running":
+            self.close(f"state {st['state']}")
+
+    def close(self, last: str | None = None):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+            if last:
+                self.console.print(last)
 
 
 def _load(spec_path, output=None):
@@ -70,11 +113,16 @@ def run(spec_path, output, overwrite, quiet):
 
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
+    view = None if quiet else StatusView(stderr=True)
     try:
         spec = _load(spec_path, output)
-        job = run_embedded(spec, progress=None if quiet else _progress, overwrite=overwrite)
+        job = run_embedded(spec, progress=view and view.update, overwrite=overwrite)
     except USER_ERRORS as exc:
+        if view:
+            view.close()
         _fail(exc)
+    if view:
+        view.close()
     click.echo(f"job {job.id} done in {time.perf_counter() - t0:.1f}s; results in {job.dir}/results/")
     if not quiet:
         click.echo(report.text_report(job.dir))
@@ -127,13 +175,21 @@ def status(job_dir, as_json, watch):
     """
     from jobs import control
 
+    view = None if as_json else StatusView(every=0)
     while True:
         try:
             st = control.status(job_dir)
         except USER_ERRORS as exc:
+            if view:
+                view.close()
             _fail(exc)
-        click.echo(json.dumps(st, indent=1) if as_json else render_status(st, sys.stdout.isatty()))
+        if view:
+            view.update(st)
+        else:
+            click.echo(json.dumps(st, indent=1))
         if not watch or st["state"] != "running":
+            if view:
+                view.close()
             return
         time.sleep(watch)
 
@@ -162,7 +218,11 @@ def resume(job_dir, broker):
             units = control.resume(job_dir, celery_dispatcher(broker))
             click.echo(f"re-enqueued {len(units)} units on {broker}")
         else:
-            resume_embedded(job_dir, progress=_progress)
+            view = StatusView(stderr=True)
+            try:
+                resume_embedded(job_dir, progress=view.update)
+            finally:
+                view.close()
             click.echo(f"job {job.id}: {control.status(job_dir)['state']}")
     except USER_ERRORS as exc:
         _fail(exc)
@@ -181,7 +241,7 @@ def cancel(job_dir):
         st = control.cancel(job_dir)
     except USER_ERRORS as exc:
         _fail(exc)
-    click.echo(render_status(st, False))
+    click.echo(render_status(st))
 
 
 @main.command()

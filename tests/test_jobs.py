@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import time
 
 import polars as pl
 import pyarrow as pa
@@ -612,3 +613,42 @@ def test_a_rejected_input_exits_2_every_time(tmp_path):
             assert "duplicate id 'x'" in err, err
     assert codes == [2] * 30
     assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_status_watch_follows_a_running_job_to_the_end(tmp_path, terminal):
+    """`cascade status JOB --watch` on a job another process is running: plain-text blocks
+    without a terminal (CI, pipes), rich progress bars on one; it returns once the job is done."""
+    import os
+    import subprocess
+    import sys
+
+    inp = write_input(tmp_path / "in.parquet", 40)
+    spec = {"name": "w", "input": str(inp), "output": str(tmp_path / "job"), "shard_rows": 8,
+            "batch_rows": 8, "tiers": [{**t, "engine": "scripted"} for t in TIERS[:2]],
+            "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}}
+    (tmp_path / "job.yaml").write_text(json.dumps(spec))
+    env = {**os.environ, "CASCADE_PLUGINS": "tests.doubles", "CASCADE_SCRIPTED_DELAY": "0.25"}
+    if terminal:
+        env |= {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
+    cascade = [sys.executable, "-c", "from jobs.cli import entry; entry()"]
+    runner = subprocess.Popen(cascade + ["run", str(tmp_path / "job.yaml"), "--quiet"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "job" / "job.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        watch = subprocess.run(cascade + ["status", str(tmp_path / "job"), "--watch", "0.2"], env=env,
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        runner.wait(30)
+    assert watch.returncode == 0, watch.stderr
+    out = watch.stdout
+    assert control.status(str(tmp_path / "job"))["state"] == "done"
+    if terminal:
+        assert "━" in out and "40/40" in out                    # tier 0's bar, filled
+        assert out.rstrip().endswith("state done")
+    else:
+        blocks = [b for b in out.split("job ") if b.strip()]
+        assert len(blocks) >= 3 and "state running" in blocks[0] and "state done" in blocks[-1]
+        assert "━" not in out and "\x1b[" not in out             # no terminal codes in logs
