@@ -268,6 +268,52 @@ def job_dirs(root: str) -> list[Path]:
     return sorted(found, key=lambda d: json.loads((d / "job.json").read_text()).get("created", 0))
 
 
+def history_figures(dirs: list[Path]) -> list[list[dict]]:
+    """sql/history.sql over every run's results at once: per run (in `dirs` order), its rows of
+    per-tier figures."""
+    con = duckdb.connect()
+    globs = [str(d / "results" / "*.parquet") for d in dirs]
+    con.execute("SET VARIABLE runs = ?", [globs])
+    cols = {c[0] for c in con.execute("SELECT name FROM parquet_schema(getvariable('runs'))").fetchall()}
+    con.execute(f"""CREATE VIEW results AS
+        SELECT regexp_extract(filename, '^(.*)/results/[^/]+$', 1) AS job, * EXCLUDE (filename)
+               {'' if 'reference' in cols else ', NULL::VARCHAR AS reference'}
+        FROM read_parquet(getvariable('runs'), filename = true, union_by_name = true)""")
+    rel = con.execute(sql_text("history"))
+    names = [d[0] for d in rel.description]
+    by_job: dict[str, list[dict]] = {}
+    for row in rel.fetchall():
+        r = dict(zip(names, row))
+        by_job.setdefault(r["job"], []).append(r)
+    return [by_job.get(str(d), []) for d in dirs]
+
+
+def _run_figures(d: Path, rows: list[dict]) -> dict:
+    """One run of the history: its summary figures and per-tier funnel, audit and calibration."""
+    meta = json.loads((d / "job.json").read_text())
+    first = rows[0]
+    by_tier = {r["tier"]: r for r in rows if r["tier"] is not None}
+    try:
+        from jobs.job import Job
+
+        names = [t.name for t in Job(str(d)).spec.tiers]
+    except Exception:                        # a results directory without a full job.json
+        names = [by_tier[t]["name"] for t in sorted(by_tier)]
+    n = first["rows"]
+    tiers = [{"tier": i, "name": name, "rows": int(by_tier.get(i, {}).get("answered") or 0),
+              "share": (by_tier.get(i, {}).get("answered") or 0) / max(n, 1)} for i, name in enumerate(names)]
+    summary = {"rows": n, "cost_total": float(first["cost_total"]), "cost_per_row": first["cost_total"] / max(n, 1),
+               "errors": int(first["errors"]), "quality": first["quality"], "tiers": tiers}
+    funnel = {t: {"entered": r["entered"], "escalated": r["escalated"],
+                  "escalation_rate": r["escalated"] / r["entered"]} for t, r in by_tier.items() if r["entered"]}
+    audit = {t: {"audited": r["audited"], "agreement": r["agreement"]}
+             for t, r in by_tier.items() if r["audited"]}
+    calib = {t: {"n": r["cal_n"], "observed": float(r["cal_observed"]), "predicted": float(r["cal_predicted"]),
+                 "var": float(r["cal_var"])} for t, r in by_tier.items() if r["cal_n"]}
+    return {"job": d.name, "created": meta.get("created"), "summary": summary, "funnel": funnel,
+            "audit": audit, "calibration": calib, "predicted_shares": calibration_shares(meta)}
+
+
 def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
     """Tabulate and plot cost, shares, escalation, errors and audit agreement across runs; test
     the latest run against all earlier runs pooled: a two-proportion z-test per tier for its share
@@ -277,22 +323,7 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
     dirs = job_dirs(root)
     if not dirs:
         raise FileNotFoundError(f"{root}: no finished job directories (*/job.json with results/)")
-    runs = []
-    for d in dirs:
-        res = run_all(str(d))
-        s = summarize(str(d), res)
-        meta = json.loads((d / "job.json").read_text())
-        funnel = {r["tier"]: r for r in _dicts(res, "funnel")}
-        audit = {r["tier"]: r for r in _dicts(res, "audit")}
-        calib = {}
-        for r in _dicts(res, "calibration"):
-            c = calib.setdefault(r["tier"], {"n": 0, "observed": 0.0, "predicted": 0.0, "var": 0.0})
-            c["n"] += r["rows"]
-            c["observed"] += r["observed"] * r["rows"]
-            c["predicted"] += r["predicted"] * r["rows"]
-            c["var"] += r["rows"] * r["predicted"] * (1 - r["predicted"])
-        runs.append({"job": d.name, "created": meta.get("created"), "summary": s, "funnel": funnel,
-                     "audit": audit, "calibration": calib, "predicted_shares": calibration_shares(meta)})
+    runs = [_run_figures(d, figures) for d, figures in zip(dirs, history_figures(dirs))]
     names = [t["name"] for t in runs[-1]["summary"]["tiers"]]
     doc = Doc(f"Nightly history: {root}")
     rows = []
