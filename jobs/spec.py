@@ -213,22 +213,25 @@ class RawJob(_Raw):
 
 
 # What each kind of pydantic error says in this spec's words.
+def _got(what: str):
+    return lambda e: f"must be {what}, got {e['input']!r}"
+
+
+def _kind(what: str):
+    return lambda e: f"must be {what}, got {type(e['input']).__name__}"
+
+
 _SAYS = {
     "missing": lambda e: "is required",
-    "int_type": lambda e: f"must be an integer, got {e['input']!r}",
-    "int_parsing": lambda e: f"must be an integer, got {e['input']!r}",
-    "int_from_float": lambda e: f"must be an integer, got {e['input']!r}",
-    "float_type": lambda e: f"must be a number, got {e['input']!r}",
-    "float_parsing": lambda e: f"must be a number, got {e['input']!r}",
+    **dict.fromkeys(("int_type", "int_parsing", "int_from_float"), _got("an integer")),
+    **dict.fromkeys(("float_type", "float_parsing"), _got("a number")),
+    "string_type": _got("a string"),
     "greater_than_equal": lambda e: f"must be >= {e['ctx']['ge']}, got {e['input']!r}",
     "less_than_equal": lambda e: f"must be <= {e['ctx']['le']}, got {e['input']!r}",
-    "string_type": lambda e: f"must be a string, got {e['input']!r}",
     "string_too_short": lambda e: "must not be empty",
     "too_short": lambda e: "must be a non-empty list",
-    "list_type": lambda e: f"must be a list, got {type(e['input']).__name__}",
-    "model_type": lambda e: f"must be a mapping, got {type(e['input']).__name__}",
-    "model_attributes_type": lambda e: f"must be a mapping, got {type(e['input']).__name__}",
-    "dict_type": lambda e: f"must be a mapping, got {type(e['input']).__name__}",
+    "list_type": _kind("a list"),
+    **dict.fromkeys(("model_type", "model_attributes_type", "dict_type"), _kind("a mapping")),
     "literal_error": lambda e: f"must be one of {e['ctx']['expected']}, got {e['input']!r}",
     "string_pattern_mismatch": lambda e: (
         f"must be auto, cpu, cuda or cuda:N, got {e['input']!r}" if "cuda" in e["ctx"]["pattern"]
