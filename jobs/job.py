@@ -2,6 +2,8 @@
 
 Job directory (local path or fsspec URL); the files are the durable truth of the job:
     job.json                    the validated spec, job id, broker, policy version
+    submitted.json              written once every shard is written and the state loaded: until
+                                then the directory is a submit in progress, never rebuilt from
     routed/s00000.arrow         input shards, each row with the tier it starts on (metadata:
                                 rows per starting tier)
     work/t1/UNIT.arrow          input of a coalesced unit on tier 1 (metadata: its sources)
@@ -61,6 +63,11 @@ class Job:
 
     def finished(self) -> bool:
         return self.store.exists("finished.json")
+
+    def submitted(self) -> bool:
+        """Whether the submit finished (all shards written, the state loaded). A directory
+        without it is a submit still running, or one that died: nothing may rebuild from it."""
+        return self.store.exists("submitted.json")
 
 
 _OPEN: OrderedDict[str, Job] = OrderedDict()
@@ -136,6 +143,7 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
     shards = _write_shards(job, reader)
     snap = recovery.fresh_snapshot(job, shards)
     recovery.load(job, state if state is not None else recovery.live_state(job), snap, dispatch)
+    store.write_json("submitted.json", {"submitted": time.time(), "shards": len(shards)})
     return job
 
 

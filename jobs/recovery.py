@@ -155,7 +155,7 @@ def ensure_state(job, state, dispatch) -> bool:
     One process rebuilds (a lock that expires after one lease); returns False to the others."""
     if state.exists():
         return True
-    if job.finished():
+    if job.finished() or not job.submitted():     # done, or its submit is still writing shards
         return False
     if not isinstance(state, RedisState):
         load(job, state, snapshot(job), dispatch)
@@ -216,6 +216,9 @@ def resume(job, state, dispatch) -> list[dict]:
     unit (after a cancel, or to force it; no crash needs it)."""
     if job.finished():
         return []
+    if not job.submitted():
+        raise ValueError(f"{job.dir}: its submit did not finish (no submitted.json); submit the "
+                         f"job again with --overwrite")
     job.store.remove("cancelled")
     snap = snapshot(job)
     snap["state"] = "running"
@@ -240,12 +243,12 @@ def jobs_root() -> str | None:
 
 def known_jobs(client) -> set[str]:
     """Unfinished jobs a reconciler looks after: those registered in Redis, those this process
-    has seen, and every job directory under CASCADE_JOBS_ROOT (which is how jobs are found again
-    after Redis lost everything and every worker restarted)."""
+    has seen, and every submitted job directory under CASCADE_JOBS_ROOT (which is how jobs are
+    found again after Redis lost everything and every worker restarted)."""
     dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | SEEN
     root = jobs_root()
     if root:
-        dirs |= {str(p.parent) for p in Path(root).glob("*/job.json")
+        dirs |= {str(p.parent) for p in Path(root).glob("*/submitted.json")
                  if not (p.parent / "finished.json").exists()}
     return dirs
 

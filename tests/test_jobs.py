@@ -652,3 +652,25 @@ def test_status_watch_follows_a_running_job_to_the_end(tmp_path, terminal):
         blocks = [b for b in out.split("job ") if b.strip()]
         assert len(blocks) >= 3 and "state running" in blocks[0] and "state done" in blocks[-1]
         assert "━" not in out and "\x1b[" not in out             # no terminal codes in logs
+
+
+def test_a_submit_in_progress_is_never_rebuilt_from(tmp_path):
+    """A reconciler that finds a job directory whose submit has not finished (job.json written,
+    shards still being written, no state yet) must not rebuild a state from it: that state would
+    miss the unwritten shards and finalize a job with rows missing. Only submitted.json, written
+    once every shard is down and the state loaded, makes a directory rebuildable."""
+    from jobs import recovery
+    from jobs.job import Job
+    from jobs.state import MemoryState
+
+    inp = write_input(tmp_path / "in.parquet", 30)
+    ex = LocalExecutor(scripted_factory())
+    job = submit(make_spec(tmp_path, inp), state=ex.state, dispatch=ex.dispatch)
+    assert job.store.exists("submitted.json")
+    job.store.remove("submitted.json")                # as if the submit were still running
+    (tmp_path / "job" / "routed" / "s00001.arrow").unlink()
+    fresh = MemoryState()
+    recovery.reconcile(Job(job.dir), fresh, dispatch=None)
+    assert not fresh.exists() and not job.store.exists("finalize_error.json")
+    with pytest.raises(ValueError, match="its submit did not finish"):
+        control.resume(job.dir, dispatch=None, state=MemoryState())
