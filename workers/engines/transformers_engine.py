@@ -121,7 +121,7 @@ class TransformersEngine(Engine):
             enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(self.device)
             return self._run(enc, [len(x) for x in ids], sampling)
         prefix = torch.tensor([ids[0][:shared]], device=self.device)
-        cache = self.model(prefix, use_cache=True, logits_to_keep=1).past_key_values
+        cache = getattr(self.model(prefix, use_cache=True, logits_to_keep=1), self.cache_kw)
         order = sorted(range(len(ids)), key=lambda b: len(ids[b]))
         groups = max(1, round(len(ids) / self.reuse_rows))
         out: list = [None] * len(ids)
