@@ -187,7 +187,8 @@ def infer_schema(frame: pl.DataFrame, n: int, N: int) -> dict:
     schema = {"prompt_text": [], "prompt_num": [], "output_num": []}
     cols = [c for c, t in frame.schema.items()
             if c not in KNOWN and c.lower() not in LABEL_LIKE
-            and (t.is_numeric() or t in (pl.Boolean, pl.String, pl.Null))]
+            and (t.is_numeric() or t in (pl.Boolean, pl.String, pl.Null))
+            and frame[c].null_count() < len(frame)]          # an all-null column says nothing
     if not cols:
         return schema
     distinct = (frame.group_by("row_id")

@@ -78,7 +78,8 @@ class ArtifactPolicy:
         for i, r in enumerate(rows):      # this tier's answer joins the lineage it is judged on
             r["trace"].append({"tier": tier, "status": "ok", "response": current["response"][i],
                                "cost": float(current["cost"][i]),
-                               **{f: float(current[f][i]) for f in current if f.endswith("_logprob")}})
+                               **{f: float(current[f][i]) for f in current
+                                  if f.endswith("_logprob") or f.startswith("choice_")}})
         nxt, keep, p_quality = np.full(n, -1), np.full(n, tier), np.full(n, np.nan)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):

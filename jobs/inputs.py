@@ -205,6 +205,12 @@ def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
         t = schema.field("id").type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
             raise InputError(f"{path}: column 'id' must hold strings or integers, found {t}")
+    if "choices" in cols:
+        t = schema.field("choices").type
+        if not ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))):
+            raise InputError(f"{path}: column 'choices' (the row's valid answers) must be a list of "
+                             f"strings, found {t}")
     for name, ok, kind in (("max_tokens", pa.types.is_integer, "integers"),
                            ("temperature", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
                             "numbers")):

@@ -20,7 +20,8 @@ class SpecError(CascadeError):
     """A job spec field is missing or wrong; the message starts with the field's path."""
 
 
-RULE_FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
+RULE_FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob", "choice_prob",
+                 "choice_margin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -49,6 +50,7 @@ class TierSpec:
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     context: int | None = None            # override the model's context length
     engine_args: dict = field(default_factory=dict)
+    choices: list[str] | None = None      # the valid answers on this tier (else the job's)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class JobSpec:
     batch_rows: int | None = None         # coalesced batch size for escalated rows; default shard_rows
     audit_share: float = 0.0              # share of rows escalated regardless of the decision
     max_attempts: int = 3                 # engine attempts per unit before its rows become errors
+    choices: list[str] | None = None      # the valid answers (a row's `choices` column overrides)
     base_dir: str = "."                   # relative paths in the spec resolve against this
 
     @property
@@ -111,6 +114,12 @@ Name = Annotated[str, Field(strict=True, pattern=_NAME.pattern)]
 
 class _Raw(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _choices(v):
+    if v is not None and (len(v) < 2 or len(set(v)) != len(v) or not all(c.strip() for c in v)):
+        raise ValueError("must list at least two different, non-empty answers")
+    return v
 
 
 class RawSampling(_Raw):
@@ -150,6 +159,9 @@ class RawTier(_Raw):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     context: PosInt | None = None
     engine_args: dict = {}
+    choices: list[str] | None = None
+
+    _valid_choices = field_validator("choices")(classmethod(lambda cls, v: _choices(v)))
 
     @field_validator("engine")
     @classmethod
@@ -200,6 +212,9 @@ class RawJob(_Raw):
     batch_rows: PosInt | None = None
     max_attempts: PosInt = 3
     audit_share: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
+    choices: list[str] | None = None
+
+    _valid_choices = field_validator("choices")(classmethod(lambda cls, v: _choices(v)))
 
     @field_validator("tiers")
     @classmethod
@@ -311,7 +326,7 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
             model = _resolve(model, base)       # a local file or directory
         tiers.append(TierSpec(t.name, model, t.engine,
                               Sampling(s.max_tokens, float(s.temperature), s.seed, list(s.stop)),
-                              cost, t.device, t.dtype, t.context, dict(t.engine_args)))
+                              cost, t.device, t.dtype, t.context, dict(t.engine_args), t.choices))
 
     p = spec.policy
     if p.artifact is not None:
@@ -347,7 +362,7 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
                    output=_resolve(spec.output or f"runs/{name}", base), tiers=tiers, policy=policy,
                    shard_rows=spec.shard_rows, batch_rows=spec.batch_rows,
                    audit_share=float(spec.audit_share), max_attempts=spec.max_attempts,
-                   base_dir=str(base))
+                   base_dir=str(base), choices=spec.choices)
 
 
 def load_spec(path: str | Path, *, overrides: dict | None = None) -> JobSpec:

@@ -45,9 +45,11 @@ TIER_STRUCT = pa.struct([
     ("output_tokens", pa.int32()), ("first_logprob", pa.float64()), ("mean_logprob", pa.float64()),
     ("min_logprob", pa.float64()), ("p_quality", pa.float64()), ("decision", pa.string()),
     ("audit", pa.bool_()), ("seconds", pa.float64()), ("cost", pa.float64()),
+    ("choice_prob", pa.float64()), ("choice_margin", pa.float64()),
 ])
 TRACE_TYPE = pa.list_(TIER_STRUCT)
 FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
+CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered without choices
 # Columns a row carries between tiers besides its input columns: its lineage, where it goes next,
 # whose answer it keeps, and running totals so that finalize need not walk the lineage.
 RUNNING = {"_cost": pa.float64(), "_seconds": pa.float64(), "_response": pa.string(),
@@ -129,18 +131,31 @@ def _samplings(table: pa.Table, base, rows: list[int]) -> tuple[list, list[str |
     return out, errors
 
 
-def _generate(engine, prompts: list[str], samplings: list) -> list:
-    """One engine call per distinct sampling (one call when no row caps it), answers in order."""
-    if all(s is samplings[0] for s in samplings):
-        return engine.generate(prompts, samplings[0]) if prompts else []
+def _generate(engine, prompts: list[str], samplings: list, choices: list) -> list:
+    """Rows with choices in one engine.choose call; the others one engine call per distinct
+    sampling (one call when no row caps it); answers in order."""
+    if not prompts:
+        return []
+    if all(c is None for c in choices) and all(s is samplings[0] for s in samplings):
+        return engine.generate(prompts, samplings[0])
     groups: dict = {}
-    for j, s in enumerate(samplings):
-        groups.setdefault((s.max_tokens, s.temperature), []).append(j)
+    for j, (s, c) in enumerate(zip(samplings, choices)):
+        groups.setdefault("choose" if c is not None else (s.max_tokens, s.temperature), []).append(j)
     out = [None] * len(prompts)
-    for members in groups.values():
-        for j, g in zip(members, engine.generate([prompts[j] for j in members], samplings[members[0]])):
+    for key, members in groups.items():
+        rows = [prompts[j] for j in members]
+        gens = (engine.choose(rows, [choices[j] for j in members]) if key == "choose"
+                else engine.generate(rows, samplings[members[0]]))
+        for j, g in zip(members, gens):
             out[j] = g
     return out
+
+
+def _choices(table: pa.Table, default: list[str] | None) -> list:
+    """Each row's valid answers: its own non-empty `choices` list, else the tier's or job's."""
+    if "choices" not in table.column_names:
+        return [default] * table.num_rows
+    return [c if c else default for c in table.column("choices").to_pylist()]
 
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
@@ -180,7 +195,9 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         else:
             ok = live
     t0 = time.perf_counter()
-    gens = _generate(engine, live_prompts if ok is live else [prompts[i] for i in ok], samplings)
+    row_choices = _choices(table, ts.choices or spec.choices)
+    gens = _generate(engine, live_prompts if ok is live else [prompts[i] for i in ok], samplings,
+                     [row_choices[i] for i in ok])
     per_row = (time.perf_counter() - t0) / max(len(ok), 1)
 
     # This tier's answers, column-wise; rows that did not run keep zeros and nulls.
@@ -194,9 +211,12 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     ptok[idx] = [g.prompt_tokens for g in gens]
     otok[idx] = [len(g.token_logprobs) for g in gens]
     feats = {f: np.zeros(n) for f in FEATURES}
+    choice = {f: np.full(n, np.nan) for f in CHOICE_FEATURES}
     if ok:
         for f, v in token_features(gens).items():
             feats[f][idx] = v
+        for f in CHOICE_FEATURES:
+            choice[f][idx] = [np.nan if getattr(g, f) is None else getattr(g, f) for g in gens]
     cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
     seconds = np.where(is_ok, per_row, 0.0)
 
@@ -208,6 +228,7 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     audit = np.zeros(n, dtype=bool)
     if ok:
         current = {f: feats[f][idx] for f in FEATURES}
+        current.update({f: np.nan_to_num(choice[f][idx]) for f in CHOICE_FEATURES})   # absent: 0
         current.update(response=list(response[idx]), cost=cost[idx])
         rows = table if len(ok) == n else table.take(pa.array(idx))
         nxt, keep, q = job.policy.decide(tier, rows, current)
@@ -230,7 +251,8 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
         pa.array(feats["min_logprob"]), pa.array(p_quality, mask=np.isnan(p_quality)),
         pa.array(labels[code + 1], pa.string()), pa.array(audit),
-        pa.array(seconds), pa.array(cost)], fields=list(TIER_STRUCT))
+        pa.array(seconds), pa.array(cost),
+        *(pa.array(choice[f], mask=np.isnan(choice[f])) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
     cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
     cols["trace"] = trace = append_trace(table.column("trace"), rec)
     cols["next_tier"] = pa.array(next_tier, pa.int32(), mask=next_tier < 0)

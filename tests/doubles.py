@@ -10,7 +10,7 @@ import os
 import time
 import zlib
 
-from workers.engines.base import Engine, Generation, register_engine
+from workers.engines.base import Engine, Generation, chosen, register_engine
 
 
 class ScriptedEngine(Engine):
@@ -40,6 +40,15 @@ class ScriptedEngine(Engine):
             logprobs = [-h, -0.1][:sampling.max_tokens]     # two tokens, fewer under a lower cap
             out.append(Generation(f"{name}:{words[-1]}", logprobs,
                                   "stop" if len(logprobs) == 2 else "length", len(words)))
+        return out
+
+    def choose(self, prompts, choices):
+        """Each choice's two token log-probabilities fixed by a hash of prompt and choice."""
+        self.calls.append((self.tier.name, len(prompts)))
+        out = []
+        for p, cs in zip(prompts, choices):
+            lps = [[-(zlib.crc32(f"{self.tier.name}|{p}|{c}".encode()) % 1000) / 250.0, -0.1] for c in cs]
+            out.append(chosen(len(p.split()), list(cs), lps))
         return out
 
 

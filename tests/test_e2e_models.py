@@ -154,3 +154,15 @@ def test_shared_prefix_reuse_gives_the_same_answers_and_logprobs(model):
     for x, y in zip(a, b):
         assert (x.text, x.finish_reason, x.prompt_tokens) == (y.text, y.finish_reason, y.prompt_tokens)
         assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-4)
+    # Constrained choices: every answer is a choice, scored the same with and without reuse, and
+    # a choice's score is the model's own: where free generation produced that choice as its
+    # first token, the log-probabilities agree.
+    labels = [["positive", "negative"]] * len(prompts)
+    c, d = reuse.choose(prompts, labels), plain.choose(prompts, labels)
+    assert all(x.text in ("positive", "negative") for x in c)
+    assert [x.text for x in c] == [y.text for y in d]
+    assert [x.choice_prob for x in c] == pytest.approx([y.choice_prob for y in d], abs=1e-4)
+    assert all(0.5 <= x.choice_prob <= 1 and x.choice_margin == pytest.approx(2 * x.choice_prob - 1)
+               for x in c)
+    same = [(x, g) for x, g in zip(c, a) if g.text.strip() == x.text and len(x.token_logprobs) == 1]
+    assert same and all(x.token_logprobs[0] == pytest.approx(g.token_logprobs[0], abs=1e-4) for x, g in same)

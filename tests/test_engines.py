@@ -3,13 +3,15 @@ the vLLM objects here are test doubles shaped like vllm.RequestOutput / Completi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
 
 from jobs.spec import Sampling
 from workers.engines import base
-from workers.engines.vllm_engine import llm_kwargs, parse_request_output, sampling_kwargs
+from workers.engines.vllm_engine import (choice_logprobs, choice_texts, llm_kwargs, parse_request_output,
+                                         sampling_kwargs)
 
 
 @dataclass
@@ -87,3 +89,21 @@ def test_vllm_prefix_caching_on_by_default_and_overridable():
                     engine_args={"enable_prefix_caching": False, "gpu_memory_utilization": 0.8})
     assert llm_kwargs(tier) == {"enable_prefix_caching": False, "gpu_memory_utilization": 0.8,
                                 "dtype": "bfloat16", "max_model_len": 4096}
+
+
+def test_vllm_choice_scoring_reads_the_choice_tokens_prompt_logprobs():
+    assert choice_texts(["Sentiment:", "Label: "], [["pos", "neg"], ["a", "b"]]) == [
+        "Sentiment: pos", "Sentiment: neg", "Label: a", "Label: b"]
+
+    @dataclass
+    class Out:                       # shaped like vllm.RequestOutput with prompt_logprobs=0
+        prompt_token_ids: list
+        prompt_logprobs: list
+
+    out = Out([1, 7, 8, 9], [None, {7: FakeLogprob(-1.0)}, {8: FakeLogprob(-0.5), 3: FakeLogprob(-0.2)},
+                             {9: FakeLogprob(-0.25)}])
+    assert choice_logprobs(out, 2) == [-0.5, -0.25]
+    g = base.chosen(2, ["pos", "neg"], [[-0.5, -0.25], [-2.0]])
+    assert g.text == "pos" and g.token_logprobs == [-0.5, -0.25]
+    assert g.choice_prob == pytest.approx(1 / (1 + math.exp(-2.0 + 0.75)))
+    assert g.choice_margin == pytest.approx(2 * g.choice_prob - 1)

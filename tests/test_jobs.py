@@ -155,6 +155,7 @@ def test_directory_and_glob_inputs_get_stable_ids(tmp_path):
      r"tiers\[0\].sampling.temperature: must be a number, got True"),
     ({"policy": {"rule": {"threshold": 0}, "artifact": "p"}}, "policy: give exactly one of"),
     ({"audit_share": 2}, "audit_share: must be <= 1"),
+    ({"choices": ["yes"]}, "choices: must list at least two different"),
 ])
 def test_spec_errors_name_the_field(tmp_path, patch, needle):
     inp = write_input(tmp_path / "in.parquet", 3)
@@ -674,3 +675,40 @@ def test_a_submit_in_progress_is_never_rebuilt_from(tmp_path):
     assert not fresh.exists() and not job.store.exists("finalize_error.json")
     with pytest.raises(ValueError, match="its submit did not finish"):
         control.resume(job.dir, dispatch=None, state=MemoryState())
+
+
+def test_choices_constrain_answers_and_give_choice_prob_as_a_feature(tmp_path):
+    """With `choices` on the job, every answer is one of them, chosen by score, with choice_prob
+    (renormalised over the choices) and choice_margin in the lineage; a rule can escalate on
+    choice_prob; a row's own `choices` column overrides the job's; `cascade logs` carries both
+    as output features for calibration."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    n = 40
+    own = [["yes", "no", "maybe"] if i % 10 == 0 else None for i in range(n)]
+    pl.DataFrame({"prompt": [f"question {i} w{i}" for i in range(n)], "choices": own,
+                  "reference": ["positive"] * n}).write_parquet(tmp_path / "in.parquet")
+    spec = make_spec(tmp_path, tmp_path / "in.parquet", choices=["positive", "negative"],
+                     policy={"rule": {"feature": "choice_prob", "threshold": 0.8}})
+    job = run_embedded(spec, engine_factory=scripted_factory())
+    out = results(job.dir)
+    for r in out.iter_rows(named=True):
+        valid = r["choices"] or ["positive", "negative"]
+        for t in r["tiers"]:
+            assert t["response"] in valid and 1 / len(valid) <= t["choice_prob"] <= 1
+            assert 0 <= t["choice_margin"] <= t["choice_prob"]
+            assert t["decision"] == ("stop" if t["choice_prob"] >= 0.8 or t["tier"] == 2
+                                     else f"escalate:{t['tier'] + 1}")
+    assert set(out.filter(pl.col("choices").is_not_null())["response"]) <= {"yes", "no", "maybe"}
+    assert (out["tiers_run"].list.len() > 1).any() and (out["tiers_run"].list.len() == 1).any()
+    # a calibration job over every tier: the logs carry choice_prob per tier
+    spec = make_spec(tmp_path, tmp_path / "in.parquet", output=str(tmp_path / "cal"),
+                     choices=["positive", "negative"],
+                     policy={"rule": {"feature": "choice_prob", "threshold": 1.1}})
+    run_embedded(spec, engine_factory=scripted_factory())
+    res = CliRunner().invoke(main, ["logs", str(tmp_path / "cal"), "--out", str(tmp_path / "logs.parquet")])
+    assert res.exit_code == 0, res.output
+    logs = pl.read_parquet(tmp_path / "logs.parquet")
+    assert logs["choice_prob"].null_count() == 0 and logs["choice_prob"].min() >= 1 / 3

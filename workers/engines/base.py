@@ -18,6 +18,8 @@ class Generation:
     token_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "stop"          # "stop" (end of sequence or a stop string) or "length"
     prompt_tokens: int = 0
+    choice_prob: float | None = None     # with choices: the answer's probability over the choices
+    choice_margin: float | None = None   # ... minus the runner-up's
 
     @property
     def output_tokens(self) -> int:
@@ -32,6 +34,20 @@ class Generation:
             "min_logprob": min(lp) if lp else 0.0,
             "sum_logprob": sum(lp),
         }
+
+
+def chosen(prompt_tokens: int, choices: list[str], token_logprobs: list[list[float]]) -> Generation:
+    """The most likely of `choices` given each one's token log-probabilities after the prompt:
+    its probability renormalised over the choices (softmax of the summed log-probabilities) and
+    its margin over the runner-up."""
+    totals = np.array([sum(lp) for lp in token_logprobs], dtype=np.float64)
+    p = np.exp(totals - totals.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    best = int(order[0])
+    margin = float(p[best] - p[order[1]]) if len(p) > 1 else 1.0
+    return Generation(text=choices[best], token_logprobs=list(token_logprobs[best]), finish_reason="stop",
+                      prompt_tokens=prompt_tokens, choice_prob=float(p[best]), choice_margin=margin)
 
 
 def token_features(gens: list[Generation]) -> dict[str, np.ndarray]:
@@ -78,6 +94,11 @@ class Engine:
     def generate(self, prompts: list[str], sampling) -> list[Generation]:
         """One batched call for the whole list; returns one Generation per prompt, in order."""
         raise NotImplementedError
+
+    def choose(self, prompts: list[str], choices: list[list[str]]) -> list[Generation]:
+        """For each prompt, the most likely of its choices (scored, not generated), with
+        choice_prob and choice_margin set (see `chosen`)."""
+        raise NotImplementedError(f"engine {self.name!r} cannot score a fixed set of answers (choices)")
 
 
 _REGISTRY: dict[str, str] = {

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from workers.engines.base import Engine, Generation
+from workers.engines.base import Engine, Generation, chosen
 from workers.engines.models import local_dir
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,58 @@ class TransformersEngine(Engine):
             kwargs.update(stopping_criteria=self._stop_criteria(tuple(sampling.stop)))
         res = self.model.generate(**enc, **kwargs)
         return self._parse(res, enc["input_ids"].shape[1], prompt_lens, sampling)
+
+    @torch.inference_mode()
+    def choose(self, prompts, choices):
+        """Score every choice's full token sequence after its prompt (one forward pass per batch
+        of sequences, left-padded, positions counted over real tokens, logits kept only for the
+        choice tokens) and answer the most likely. A choice follows the prompt after one space
+        unless the prompt ends in whitespace."""
+        tok = self.tokenizer
+        prompt_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        seqs, owner, width = [], [], []
+        for r, (ids, cs) in enumerate(zip(prompt_ids, choices)):
+            sep = "" if prompts[r][-1:].isspace() else " "
+            for c in cs:
+                c_ids = tok(sep + c, add_special_tokens=False)["input_ids"]
+                seqs.append(ids + c_ids)
+                owner.append(r)
+                width.append(len(c_ids))
+        scores: list = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        shared = shared_prefix(seqs) if self.prefix_reuse and len(seqs) > 1 else 0
+        shared = shared if shared >= self.min_prefix else 0
+        cache = None
+        if shared:                            # the shared prefix once, as in generate
+            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
+            cache = getattr(self.model(prefix, use_cache=True, logits_to_keep=1), self.cache_kw)
+        step = self.micro_batch or (self.reuse_rows if shared else 32)
+        for k in range(0, len(order), step):
+            part = order[k:k + step]
+            keep = max(width[i] for i in part) + 1
+            if shared:
+                enc = self._with_prefix_cache([seqs[i] for i in part], shared, cache,
+                                              last=k + step >= len(order))
+                mask = enc["attention_mask"]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=enc["input_ids"][:, shared:], attention_mask=mask,
+                                    position_ids=positions[:, shared:], logits_to_keep=keep,
+                                    **{self.cache_kw: enc[self.cache_kw]}).logits.float()
+            else:
+                enc = tok.pad({"input_ids": [seqs[i] for i in part]}, return_tensors="pt",
+                              padding=True).to(self.device)
+                positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(**enc, position_ids=positions, logits_to_keep=keep).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for b, i in enumerate(part):
+                n = width[i]
+                target = torch.tensor(seqs[i][-n:], device=self.device).unsqueeze(-1)
+                scores[i] = logp[b, keep - 1 - n:keep - 1].gather(-1, target).squeeze(-1).tolist()
+        out, at = [], 0
+        for r, cs in enumerate(choices):
+            out.append(chosen(len(prompt_ids[r]), list(cs), scores[at:at + len(cs)]))
+            at += len(cs)
+        return out
 
     def _stop_criteria(self, stop: tuple[str, ...]):
         """The stop-string criterion, built once per engine and stop list: building it walks the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from workers.engines.base import Engine, Generation
+from workers.engines.base import Engine, Generation, chosen
 
 
 def sampling_kwargs(sampling) -> dict:
@@ -59,6 +59,19 @@ def parse_request_output(out) -> Generation:
                       finish_reason=reason, prompt_tokens=len(out.prompt_token_ids or []))
 
 
+def choice_texts(prompts, choices) -> list[str]:
+    """The sequences a choice is scored on: the prompt, one space unless the prompt ends in
+    whitespace, the choice (as the transformers engine scores them)."""
+    return [p + ("" if p[-1:].isspace() else " ") + c for p, cs in zip(prompts, choices) for c in cs]
+
+
+def choice_logprobs(out, n: int) -> list[float]:
+    """The log-probabilities of the last `n` prompt tokens of a RequestOutput generated with
+    prompt_logprobs=0: the choice's tokens, each scored given everything before it."""
+    ids = list(out.prompt_token_ids)
+    return [_token_logprob(entry, t) for entry, t in zip(out.prompt_logprobs[-n:], ids[-n:])]
+
+
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -87,3 +100,19 @@ class VLLMEngine(Engine):
         params = self._params(**sampling_kwargs(sampling))
         outs = self.llm.generate(list(prompts), params, use_tqdm=False)   # one call per unit
         return [parse_request_output(o) for o in outs]
+
+    def choose(self, prompts, choices):
+        """Every choice scored by vLLM's prompt log-probabilities (one call per unit; the shared
+        prompt is computed once by prefix caching), the most likely answered."""
+        texts = choice_texts(prompts, choices)
+        base = [len(self.tokenizer.encode(p)) for p in prompts]
+        widths = [len(self.tokenizer.encode(t)) - base[r] for r, cs in enumerate(choices)
+                  for t in choice_texts([prompts[r]], [cs])]
+        params = self._params(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate(texts, params, use_tqdm=False)
+        scores = [choice_logprobs(o, max(n, 1)) for o, n in zip(outs, widths)]
+        result, at = [], 0
+        for r, cs in enumerate(choices):
+            result.append(chosen(base[r], list(cs), scores[at:at + len(cs)]))
+            at += len(cs)
+        return result
