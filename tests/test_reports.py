@@ -290,3 +290,25 @@ def test_a_later_tiers_quality_on_all_rows_is_estimated_from_the_audits(tmp_path
     job2 = str(write_job(tmp_path / "job2", rows))
     pts = report.fixed_tier_points(report.summarize(job2))
     assert f"{NAMES[1]} (its 50 rows)" in pts
+
+
+def test_choice_calibration_bins_choice_prob_against_observed_quality(tmp_path):
+    """Tier 0 answered from choices: right answers with choice_prob 0.9, wrong ones with 0.55;
+    the query bins them apart with the observed rate, and the report plots it."""
+    rows = fixture_rows(6, 3)
+    for r in rows:
+        t = r["tiers"][0]
+        if t["status"] == "ok":
+            t["choice_prob"] = 0.9 if t["response"].strip(" .").lower() == "positive" else 0.55
+            t["choice_margin"] = 2 * t["choice_prob"] - 1
+    job = str(write_job(tmp_path / "job", rows))
+    d = {k: [dict(zip(c, r)) for r in rs] for k, (c, rs) in report.run_all(job).items()}
+    cal = {(r["tier"], r["bin"]): r for r in d["choice_calibration"]}
+    assert set(cal) == {(0, 9), (0, 5)}
+    assert cal[(0, 9)]["rows"] == 4 and cal[(0, 9)]["observed"] == 1.0
+    assert cal[(0, 5)]["rows"] == 5 and cal[(0, 5)]["observed"] == 0.0
+    assert cal[(0, 5)]["choice_prob"] == pytest.approx(0.55)
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(main, ["report", job, "--out", str(out)])
+    assert res.exit_code == 0 and png_size(out / "choice_calibration.png") == (640, 400)
+    assert "choice_prob against observed quality" in (out / "report.md").read_text()
