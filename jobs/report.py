@@ -19,8 +19,8 @@ from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lin
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "tier_quality",
-           "errors", "latency", "audit", "calibration", "choice_calibration"]
-NEEDS_REFERENCE = {"quality", "tier_quality", "calibration", "choice_calibration"}
+           "errors", "latency", "audit", "calibration"]
+NEEDS_REFERENCE = {"quality", "tier_quality", "calibration"}
 # The label scorer. Each .sql file that scores answers defines these macros itself, so that it
 # runs alone from the duckdb CLI; tests/test_reports.py checks every copy is this text.
 SCORER_MACROS = """\
@@ -39,7 +39,6 @@ TITLES = {
     "latency": "Throughput and latency per tier",
     "audit": "Audits: agreement of the stopping tier with the next tier",
     "calibration": "Predicted against observed quality",
-    "choice_calibration": "choice_prob against observed quality (answers from choices)",
     "tier_quality": "Later tiers on all rows: quality corrected for selection with the audits",
 }
 
@@ -165,12 +164,10 @@ def build(job_dir: str) -> tuple[Doc, dict]:
     for name in QUERIES:
         cols, rows = res[name]
         if name in NEEDS_REFERENCE and not cols:
-            if name == "choice_calibration":      # one "no reference" note is enough
-                continue
             doc.h2(TITLES[name])
             doc.p("No `reference` column in the input.")
             continue
-        if name in ("calibration", "choice_calibration", "audit", "tier_quality") and not rows:
+        if name in ("calibration", "audit", "tier_quality") and not rows:
             continue
         doc.h2(TITLES[name])
         doc.table(cols, rows)
@@ -187,18 +184,18 @@ def build(job_dir: str) -> tuple[Doc, dict]:
                                          "escalated": [r["escalated"] for r in f]},
                 "Escalation funnel", "rows"), "Rows entering, stopping and escalating at each tier")
         elif name == "calibration":
-            curves = {}
-            for r in _dicts(res, "calibration"):
-                curves.setdefault(r["name"], []).append((r["predicted"], r["observed"], r["rows"]))
-            doc.image("calibration.png", reliability_png(curves, "Predicted against observed quality"),
-                      "Calibration of the policy's quality predictions (rows with references)")
-        elif name == "choice_calibration":
-            curves = {}
-            for r in _dicts(res, "choice_calibration"):
-                curves.setdefault(r["name"], []).append((r["choice_prob"], r["observed"], r["rows"]))
-            doc.image("choice_calibration.png", reliability_png(curves, "choice_prob against observed quality"),
-                      "Calibration of choice_prob, the free confidence of a constrained answer "
-                      "(rows with references)")
+            plots = {"p_quality": ("calibration.png", "Predicted against observed quality",
+                                   "Calibration of the policy's quality predictions (rows with references)"),
+                     "choice_prob": ("choice_calibration.png", "choice_prob against observed quality",
+                                     "Calibration of choice_prob, the free confidence of a constrained "
+                                     "answer (rows with references)")}
+            for signal, (png, title, alt) in plots.items():
+                curves = {}
+                for r in _dicts(res, "calibration"):
+                    if r["signal"] == signal:
+                        curves.setdefault(r["name"], []).append((r["predicted"], r["observed"], r["rows"]))
+                if curves:
+                    doc.image(png, reliability_png(curves, title), alt)
         elif name == "cost_per_tier":
             doc.image("cost_per_tier.png", bar_png(names, [t["cost"] for t in summary["tiers"]],
                                                    "Cost spent per tier", "cost (configured units)"),

@@ -104,6 +104,7 @@ def test_sql_answers_known_by_construction(job):
     a = d["audit"]
     assert len(a) == 1 and a[0]["audited"] == 1 and a[0]["agreement"] == 1.0
     cal = {(r["tier"], r["bin"]): r for r in d["calibration"]}
+    assert {r["signal"] for r in d["calibration"]} == {"p_quality"}
     assert cal[(0, 9)]["rows"] == 4 and cal[(0, 9)]["observed"] == 1.0
     assert cal[(0, 6)]["observed"] == 0.0 and cal[(0, 2)]["rows"] == 3
 
@@ -303,12 +304,13 @@ def test_choice_calibration_bins_choice_prob_against_observed_quality(tmp_path):
             t["choice_margin"] = 2 * t["choice_prob"] - 1
     job = str(write_job(tmp_path / "job", rows))
     d = {k: [dict(zip(c, r)) for r in rs] for k, (c, rs) in report.run_all(job).items()}
-    cal = {(r["tier"], r["bin"]): r for r in d["choice_calibration"]}
+    cal = {(r["tier"], r["bin"]): r for r in d["calibration"] if r["signal"] == "choice_prob"}
     assert set(cal) == {(0, 9), (0, 5)}
     assert cal[(0, 9)]["rows"] == 4 and cal[(0, 9)]["observed"] == 1.0
     assert cal[(0, 5)]["rows"] == 5 and cal[(0, 5)]["observed"] == 0.0
-    assert cal[(0, 5)]["choice_prob"] == pytest.approx(0.55)
+    assert cal[(0, 5)]["predicted"] == pytest.approx(0.55)
     out = tmp_path / "rep"
     res = CliRunner().invoke(main, ["report", job, "--out", str(out)])
     assert res.exit_code == 0 and png_size(out / "choice_calibration.png") == (640, 400)
-    assert "choice_prob against observed quality" in (out / "report.md").read_text()
+    assert png_size(out / "calibration.png") == (640, 400)           # p_quality's, as before
+    assert "Calibration of choice_prob" in (out / "report.md").read_text()
