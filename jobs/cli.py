@@ -13,6 +13,7 @@ import click
 
 from cascade.cli import _fail, main
 from cascade.errors import CascadeError
+from jobs.export import FORMATS
 
 USER_ERRORS = (CascadeError, FileNotFoundError, FileExistsError, KeyError, ValueError)
 
@@ -299,7 +300,7 @@ def logs(job_dir, out_path):
 
 @main.command()
 @click.argument("job_dir", metavar="JOB")
-@click.option("--format", "fmt", type=click.Choice(["openai", "parquet", "csv", "jsonl"]), default="openai",
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="openai",
               show_default=True, help="openai: OpenAI Batch API output lines; the others: the result table.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The file to write.")
 def export(job_dir, fmt, out_path):

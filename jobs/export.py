@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs import report
-
 FORMATS = ("openai", "parquet", "csv", "jsonl")
 OPTIONAL = {"messages": "STRUCT(role VARCHAR, content VARCHAR)[]", "request_model": "VARCHAR"}
 
@@ -22,6 +20,7 @@ class ExportError(ValueError):
 
 def export(job_dir: str, out_path: str, fmt: str = "openai") -> int:
     """Write the job's results to `out_path` in `fmt`; returns the number of rows written."""
+    from jobs import report
     from jobs.storage import Store
 
     if fmt not in FORMATS:
@@ -33,8 +32,7 @@ def export(job_dir: str, out_path: str, fmt: str = "openai") -> int:
     finished = store.read_json("finished.json")
     meta = store.read_json("job.json")
     con = report.connect(job_dir)
-    cols = {c[0] for c in con.execute(
-        "SELECT name FROM parquet_schema(getvariable('job') || '/results/*.parquet')").fetchall()}
+    cols = report.result_columns(con)
     extra = "".join(f", NULL::{t} AS {c}" for c, t in OPTIONAL.items() if c not in cols)
     con.execute(f"""CREATE VIEW r AS SELECT * EXCLUDE (filename, file_row_number),
                     filename AS file_order, file_row_number AS row_order{extra}

@@ -58,9 +58,13 @@ def connect(job_dir: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def result_columns(con, files: str = "getvariable('job') || '/results/*.parquet'") -> set[str]:
+    """The column names of the result files `files` (a DuckDB expression) from their footers."""
+    return {c[0] for c in con.execute(f"SELECT name FROM parquet_schema({files})").fetchall()}
+
+
 def has_reference(con) -> bool:
-    cols = con.execute("SELECT name FROM parquet_schema(getvariable('job') || '/results/*.parquet')").fetchall()
-    return any(c[0] == "reference" for c in cols)
+    return "reference" in result_columns(con)
 
 
 def run_query(con, name: str) -> tuple[list[str], list[tuple]]:
@@ -281,7 +285,7 @@ def history_figures(dirs: list[Path]) -> list[list[dict]]:
     con = duckdb.connect()
     globs = [str(d / "results" / "*.parquet") for d in dirs]
     con.execute("SET VARIABLE runs = ?", [globs])
-    cols = {c[0] for c in con.execute("SELECT name FROM parquet_schema(getvariable('runs'))").fetchall()}
+    cols = result_columns(con, "getvariable('runs')")
     con.execute(f"""CREATE VIEW results AS
         SELECT regexp_extract(filename, '^(.*)/results/[^/]+$', 1) AS job, * EXCLUDE (filename)
                {'' if 'reference' in cols else ', NULL::VARCHAR AS reference'}

@@ -93,14 +93,14 @@ def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
     messages = table.column("messages").to_pylist() if "messages" in table.column_names else None
     for i in np.flatnonzero(blank):
         p = None
-        if (messages is not None and prompts[i] is None and messages[i]
-                and not (messages[i][-1].get("content") or "").strip()):
-            errors[i] = "empty message"           # nothing to answer: the last message is blank
-        elif messages is not None and prompts[i] is None and messages[i]:
-            try:
-                p = engine.render(messages[i])
-            except Exception as exc:      # a chat the template rejects: that row only
-                errors[i] = f"cannot render messages on tier {tier_name}: {exc}"
+        if messages is not None and prompts[i] is None and messages[i]:
+            if not (messages[i][-1].get("content") or "").strip():
+                errors[i] = "empty message"       # nothing to answer: the last message is blank
+            else:
+                try:
+                    p = engine.render(messages[i])
+                except Exception as exc:  # a chat the template rejects: that row only
+                    errors[i] = f"cannot render messages on tier {tier_name}: {exc}"
         if p is None or not p.strip():
             prompts[i] = None
             errors[i] = errors[i] or "empty prompt"
@@ -125,9 +125,11 @@ def _samplings(table: pa.Table, base, rows: list[int]) -> tuple[list, list[str |
             errors[j] = f"max_tokens must be at least 1, found {mt}"
         elif temp is not None and not temp >= 0:
             errors[j] = f"temperature must be >= 0, found {temp}"
-        elif (mt is not None and mt < base.max_tokens) or (temp is not None and temp < base.temperature):
-            out[j] = dataclasses.replace(base, max_tokens=min(base.max_tokens, mt or base.max_tokens),
-                                         temperature=min(base.temperature, base.temperature if temp is None else temp))
+        else:
+            cap_mt = base.max_tokens if mt is None else min(mt, base.max_tokens)
+            cap_temp = base.temperature if temp is None else min(temp, base.temperature)
+            if (cap_mt, cap_temp) != (base.max_tokens, base.temperature):
+                out[j] = dataclasses.replace(base, max_tokens=cap_mt, temperature=cap_temp)
     return out, errors
 
 

@@ -50,6 +50,21 @@ def chosen(prompt_tokens: int, choices: list[str], token_logprobs: list[list[flo
                       prompt_tokens=prompt_tokens, choice_prob=float(p[best]), choice_margin=margin)
 
 
+def choice_text(prompt: str, choice: str) -> str:
+    """What a choice is scored as following the prompt: one space between, unless the prompt
+    already ends in whitespace. Every engine scores choices on this text."""
+    return ("" if prompt[-1:].isspace() else " ") + choice
+
+
+def chosen_each(prompt_tokens: list[int], choices: list[list[str]], scores: list[list[float]]) -> list[Generation]:
+    """`chosen` per row, from the flat list of every row's choices' token log-probabilities."""
+    out, at = [], 0
+    for tokens, cs in zip(prompt_tokens, choices):
+        out.append(chosen(tokens, list(cs), scores[at:at + len(cs)]))
+        at += len(cs)
+    return out
+
+
 def token_features(gens: list[Generation]) -> dict[str, np.ndarray]:
     """Generation.features() of many generations at once, column-wise (same values)."""
     n = len(gens)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from workers.engines.base import Engine, Generation, chosen
+from workers.engines.base import Engine, Generation, choice_text, chosen_each
 from workers.engines.models import local_dir
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,7 @@ class TransformersEngine(Engine):
         if shared < self.min_prefix:
             enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(self.device)
             return self._run(enc, [len(x) for x in ids], sampling)
-        prefix = torch.tensor([ids[0][:shared]], device=self.device)
-        cache = getattr(self.model(prefix, use_cache=True, logits_to_keep=1), self.cache_kw)
+        cache = self._prefix_cache(ids[0][:shared])
         order = sorted(range(len(ids)), key=lambda b: len(ids[b]))
         groups = max(1, round(len(ids) / self.reuse_rows))
         out: list = [None] * len(ids)
@@ -154,22 +153,17 @@ class TransformersEngine(Engine):
         unless the prompt ends in whitespace."""
         tok = self.tokenizer
         prompt_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        seqs, owner, width = [], [], []
-        for r, (ids, cs) in enumerate(zip(prompt_ids, choices)):
-            sep = "" if prompts[r][-1:].isspace() else " "
+        seqs, width = [], []
+        for prompt, ids, cs in zip(prompts, prompt_ids, choices):
             for c in cs:
-                c_ids = tok(sep + c, add_special_tokens=False)["input_ids"]
+                c_ids = tok(choice_text(prompt, c), add_special_tokens=False)["input_ids"]
                 seqs.append(ids + c_ids)
-                owner.append(r)
                 width.append(len(c_ids))
         scores: list = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         shared = shared_prefix(seqs) if self.prefix_reuse and len(seqs) > 1 else 0
         shared = shared if shared >= self.min_prefix else 0
-        cache = None
-        if shared:                            # the shared prefix once, as in generate
-            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
-            cache = getattr(self.model(prefix, use_cache=True, logits_to_keep=1), self.cache_kw)
+        cache = self._prefix_cache(seqs[0][:shared]) if shared else None   # once, as in generate
         step = self.micro_batch or (self.reuse_rows if shared else 32)
         for k in range(0, len(order), step):
             part = order[k:k + step]
@@ -192,11 +186,12 @@ class TransformersEngine(Engine):
                 n = width[i]
                 target = torch.tensor(seqs[i][-n:], device=self.device).unsqueeze(-1)
                 scores[i] = logp[b, keep - 1 - n:keep - 1].gather(-1, target).squeeze(-1).tolist()
-        out, at = [], 0
-        for r, cs in enumerate(choices):
-            out.append(chosen(len(prompt_ids[r]), list(cs), scores[at:at + len(cs)]))
-            at += len(cs)
-        return out
+        return chosen_each([len(x) for x in prompt_ids], choices, scores)
+
+    def _prefix_cache(self, prefix: list[int]):
+        """The KV cache of a token prefix, computed once (logits only for its last token)."""
+        out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
+        return getattr(out, self.cache_kw)
 
     def _stop_criteria(self, stop: tuple[str, ...]):
         """The stop-string criterion, built once per engine and stop list: building it walks the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from workers.engines.base import Engine, Generation, chosen
+from workers.engines.base import Engine, Generation, choice_text, chosen_each
 
 
 def sampling_kwargs(sampling) -> dict:
@@ -60,9 +60,8 @@ def parse_request_output(out) -> Generation:
 
 
 def choice_texts(prompts, choices) -> list[str]:
-    """The sequences a choice is scored on: the prompt, one space unless the prompt ends in
-    whitespace, the choice (as the transformers engine scores them)."""
-    return [p + ("" if p[-1:].isspace() else " ") + c for p, cs in zip(prompts, choices) for c in cs]
+    """The sequences a choice is scored on: each prompt followed by each of its choices."""
+    return [p + choice_text(p, c) for p, cs in zip(prompts, choices) for c in cs]
 
 
 def choice_logprobs(out, n: int) -> list[float]:
@@ -106,13 +105,8 @@ class VLLMEngine(Engine):
         prompt is computed once by prefix caching), the most likely answered."""
         texts = choice_texts(prompts, choices)
         base = [len(self.tokenizer.encode(p)) for p in prompts]
-        widths = [len(self.tokenizer.encode(t)) - base[r] for r, cs in enumerate(choices)
-                  for t in choice_texts([prompts[r]], [cs])]
+        owners = [r for r, cs in enumerate(choices) for _ in cs]
         params = self._params(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = self.llm.generate(texts, params, use_tqdm=False)
-        scores = [choice_logprobs(o, max(n, 1)) for o, n in zip(outs, widths)]
-        result, at = [], 0
-        for r, cs in enumerate(choices):
-            result.append(chosen(base[r], list(cs), scores[at:at + len(cs)]))
-            at += len(cs)
-        return result
+        scores = [choice_logprobs(o, max(len(o.prompt_token_ids) - base[r], 1)) for o, r in zip(outs, owners)]
+        return chosen_each(base, choices, scores)
