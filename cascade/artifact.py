@@ -41,7 +41,10 @@ def save_policy(policy, out_dir: str | Path) -> Path:
             for name, value in model.state_dict().items():
                 tensors[f"{_key(state)}.f{f}.{name}"] = value.contiguous()
         predictors[_key(state)] = {"folds": len(pred.models), "platt": pred.platt.tolist(),
-                                   "n_in": pred.models[0].net[0].in_features}
+                                   "n_in": pred.models[0].net[0].in_features, "heads": pred.heads}
+        if pred.weight is not None:
+            tensors[f"{_key(state)}.linear.weight"] = torch.from_numpy(np.ascontiguousarray(pred.weight))
+            tensors[f"{_key(state)}.linear.bias"] = torch.from_numpy(np.ascontiguousarray(pred.bias))
     save_file(tensors, str(out / "weights.safetensors"))
     digest = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
     doc = {
@@ -52,9 +55,10 @@ def save_policy(policy, out_dir: str | Path) -> Path:
         "train_config": asdict(policy.train_config), "featurizer": policy.featurizer.to_json(),
         "predictors": predictors, "weights_sha256": digest,
         "default_point": policy.default_label,
-        "points": [{"label": p.label, "lambda_normalised": p.lam,
-                    "lambda": p.lam / policy.cost_unit, "cal_cost": p.cal_cost,
+        "points": [{"label": p.label, "lambda_normalised": _finite(p.lam),
+                    "lambda": _finite(p.lam / policy.cost_unit), "cal_cost": p.cal_cost,
                     "cal_quality": p.cal_quality,
+                    "mix": None if p.mix is None else list(p.mix), "check": p.check,
                     "betas": {_key(s): {str(j): b.tolist() for j, b in bs.items()}
                               for s, bs in p.betas.items()}} for p in policy.points],
         "calibration": _jsonable(policy.calibration),
@@ -97,9 +101,16 @@ def load_policy(path: str | Path):
                                    if k.startswith(prefix)})
             model.eval()
             models.append(model)
-        predictors[_state(key)] = StatePredictor(models, np.asarray(info["platt"]))
-    points = [OperatingPoint(lam=p["lambda_normalised"], label=p["label"], cal_cost=p["cal_cost"],
+        lin = f"{key}.linear."
+        weight, bias = tensors.get(lin + "weight"), tensors.get(lin + "bias")
+        predictors[_state(key)] = StatePredictor(
+            models, np.asarray(info["platt"]), info.get("heads"),
+            None if weight is None else weight.numpy(), None if bias is None else bias.numpy())
+    points = [OperatingPoint(lam=float("nan") if p["lambda_normalised"] is None else p["lambda_normalised"], label=p["label"], cal_cost=p["cal_cost"],
                              cal_quality=p["cal_quality"],
+                             mix=None if p.get("mix") is None else (int(p["mix"][0]), int(p["mix"][1]),
+                                                                    float(p["mix"][2])),
+                             check=p.get("check"),
                              betas={_state(s): {int(j): np.asarray(b) for j, b in bs.items()}
                                     for s, bs in p["betas"].items()}) for p in doc["points"]]
     return Policy(n_tiers=doc["n_tiers"], models=doc["models"], schema=doc["schema"],
@@ -108,6 +119,11 @@ def load_policy(path: str | Path):
                   quality_offset=doc["quality_offset"], quality_span=doc["quality_span"],
                   best_tier=doc["best_tier"], train_config=cfg, calibration=doc["calibration"],
                   version=doc["version"])
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a fixed-tier point has no lambda."""
+    return float(x) if np.isfinite(x) else None
 
 
 def _jsonable(obj):

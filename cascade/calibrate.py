@@ -13,15 +13,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cascade.features import StateFeaturizer, observe_all
+from cascade.frontier import upper_hull
 from cascade.ladder import Ladder
-from cascade.policy import (BudgetChoice, DPResult, OperatingPoint, all_states,
-                            backward_induction, choose_budget, phi, ridge_projector)
-from cascade.predictor import TrainConfig, auc, cross_fit, ece, fold_of
+from cascade.policy import (DPResult, OperatingPoint, all_states, backward_induction,
+                            choose_budget, phi, ridge_projector, row_hash, simulate)
+from cascade.predictor import TrainConfig, auc, ece, fit_state, fold_of
 
 # Normalised lambdas swept: 0 (quality only) then log-spaced up to where only the cheapest
 # tier pays for itself. Quality is in [0, 1] and costs are in units of the best tier's mean.
 LAMBDA_GRID = np.concatenate([[0.0], np.logspace(-3, 1.7, 63)])
 REPLAY_POINTS = 24
+# A cascade point is kept only where, out of sample, it beats the fixed-tier mix at its cost
+# with at least this confidence; elsewhere the point is that mix.
+NO_HARM_CONFIDENCE = 0.75
 
 
 @dataclass
@@ -41,6 +45,8 @@ class CalibrationReport:
     predictor_metrics: list[dict] = field(default_factory=list)   # per state and tier: AUC, ECE
     points: list[dict] = field(default_factory=list)
     budget: dict | None = None
+    model_choice: list[dict] = field(default_factory=list)       # per state and tier
+    no_harm_confidence: float = NO_HARM_CONFIDENCE
 
 
 def quality_scale(quality: np.ndarray) -> tuple[float, float]:
@@ -52,7 +58,8 @@ def quality_scale(quality: np.ndarray) -> tuple[float, float]:
 
 
 def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget | None = None,
-               lambdas: np.ndarray = LAMBDA_GRID, user_lambdas=None, log=lambda msg: None):
+               lambdas: np.ndarray = LAMBDA_GRID, user_lambdas=None,
+               no_harm_confidence: float = NO_HARM_CONFIDENCE, log=lambda msg: None):
     """Calibrate on a complete ladder (quality and cost at every tier). Returns (Policy, report).
 
     `lambdas` are in normalised cost units (best tier's mean cost = 1); `user_lambdas`, if given,
@@ -75,14 +82,19 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     obs = observe_all(ladder)
     featurizer = StateFeaturizer.fit(obs)
     folds = fold_of(ladder.row_ids, cfg.folds)
+    u = row_hash(ladder.row_ids)
     log(f"features: {time.perf_counter() - t0:.1f}s")
 
-    predictors, q_by_state, metrics = {}, {}, []
+    predictors, q_by_state, metrics, choices = {}, {}, [], []
     for k, state in enumerate(all_states(n)):
         x = featurizer(obs, state)
-        predictors[state], q_by_state[state] = cross_fit(x, quality.T, folds, cfg, seed=cfg.seed + k)
+        numeric = featurizer.numeric_columns(state, list(ladder.prompt_num), list(ladder.output_num))
+        predictors[state], q_by_state[state], chosen = fit_state(
+            x, quality.T, folds, cfg, seed=cfg.seed + k, numeric=numeric)
+        choices += [{"state": list(state)} | c for c in chosen]
         for t in range(n):
             metrics.append({"state": list(state), "tier": t, "observed": t in state,
+                            "model": chosen[t]["model"],
                             "auc": auc(q_by_state[state][:, t], quality[t]),
                             "ece": ece(q_by_state[state][:, t], quality[t])})
     log(f"predictors for {len(predictors)} states: {time.perf_counter() - t0:.1f}s")
@@ -99,49 +111,162 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         results = [solve(float(lam) * cost_unit) for lam in user_lambdas]
     else:
         results = _refine([solve(lam) for lam in lambdas], solve, extra=2 * REPLAY_POINTS)
-    log(f"dynamic programme for {len(lambdas)} lambdas: {time.perf_counter() - t0:.1f}s")
+    log(f"dynamic programme for {len(results)} lambdas: {time.perf_counter() - t0:.1f}s")
 
-    points = _spread(results, REPLAY_POINTS)
-    for res in points:
-        res.point.cal_cost = float(res.cost.mean() * cost_unit)
-        res.point.cal_quality = float(res.quality.mean() * q_span + q_lo)
+    # Out of sample: each point refitted without each fold and run on it (nested in the
+    # predictors' own cross-fitting), then checked against the fixed-tier hull at its cost.
+    held = held_out(results, q_by_state, plen, quality, cost, folds, u)
+    hull = FixedHull(quality, cost)
+    fixed = [] if user_lambdas is not None else [hull.run((t, t, 0.0), u) for t in hull.tiers]
+    for res, t in zip(fixed, hull.tiers):        # each fixed tier of the hull is a point too
+        res.point = OperatingPoint(lam=float("nan"), betas={}, mix=(t, t, 0.0))
+    checked = [no_harm(res, oos, hull, u, no_harm_confidence) for res, oos in zip(results, held)]
+    fallbacks, swept = sum(r.point.mix is not None for r, _ in checked), len(checked)
+    if fixed:        # a point that fell back to a single tier is that fixed tier's point already
+        checked = [(r, o) for r, o in checked if r.point.mix is None or r.point.mix[0] != r.point.mix[1]]
+    results = [r for r, _ in checked] + fixed
+    held = [o for _, o in checked] + fixed
+    for res, oos in zip(results, held):
+        res.point.cal_cost = float(oos.cost.mean() * cost_unit)
+        res.point.cal_quality = float(oos.quality.mean() * q_span + q_lo)
+    log(f"out-of-sample check: {fallbacks} of {swept} points fall back to a fixed-tier mix: "
+        f"{time.perf_counter() - t0:.1f}s")
+
     budget_choice = None
     if budget is not None:
-        budget_choice = choose_budget(results, quality, cost, best, budget.kind, budget.target,
-                                      budget.confidence)
-        default = next(r for r in results if r.point.lam == budget_choice.lam)
+        budget_choice, default = choose_budget(results, held, quality, cost, best, budget.kind,
+                                               budget.target, budget.confidence)
     elif user_lambdas is not None:
         default = results[0]
     else:
         # without a budget: the cheapest point keeping 99% of the best tier's quality at 95%
-        default_choice = choose_budget(results, quality, cost, best, "quality", 0.99, 0.95)
-        default = next(r for r in results if r.point.lam == default_choice.lam)
-    if all(default is not r for r in points):
-        default.point.cal_cost = float(default.cost.mean() * cost_unit)
-        default.point.cal_quality = float(default.quality.mean() * q_span + q_lo)
-        points = sorted(points + [default], key=lambda r: r.cost.mean())
-    for k, res in enumerate(points):     # cheapest first; the index keeps labels unique
-        res.point.label = f"p{k:02d} lambda={res.point.lam / cost_unit:.6g}"
+        _, default = choose_budget(results, held, quality, cost, best, "quality", 0.99, 0.95)
+    by_id = {id(r): o for r, o in zip(results, held)}
+    points = _spread(list(zip(results, held)), REPLAY_POINTS)
+    points += [(r, o) for r, o in zip(results, held)
+               if r.point.mix is not None and r.point.check is None]    # the fixed tiers
+    if all(default is not r for r, _ in points):
+        points.append((default, by_id[id(default)]))
+    points = sorted({id(r): (r, o) for r, o in points}.values(), key=lambda ro: ro[1].cost.mean())
+    for k, (res, _) in enumerate(points):     # cheapest first; the index keeps labels unique
+        res.point.label = _label(k, res.point, cost_unit)
 
     policy = Policy(
         n_tiers=n, models=ladder.models, schema={"prompt_text": list(ladder.prompt_text),
                                                  "prompt_num": list(ladder.prompt_num),
                                                  "output_num": list(ladder.output_num)},
-        featurizer=featurizer, predictors=predictors, points=[r.point for r in points],
+        featurizer=featurizer, predictors=predictors, points=[r.point for r, _ in points],
         default_label=default.point.label, cost_unit=cost_unit, quality_offset=q_lo,
         quality_span=q_span, best_tier=best, train_config=cfg,
     )
     report = CalibrationReport(
         seconds=time.perf_counter() - t0, rows=N, tier_quality=(mean_q * q_span + q_lo).tolist(),
         tier_cost=mean_c.tolist(), best_tier=best, predictor_metrics=metrics,
+        model_choice=choices,
         points=[{"label": r.point.label, "lambda": r.point.lam / cost_unit,
                  "cost": r.point.cal_cost, "quality": r.point.cal_quality,
+                 "mix": None if r.point.mix is None else list(r.point.mix),
+                 "check": r.point.check,
                  # selection shares on the calibration rows: the baseline for drift checks
-                 "shares": [float(np.mean(r.final_tier == t)) for t in range(n)]} for r in points],
+                 "shares": [float(np.mean(r.final_tier == t)) for t in range(n)]}
+                for r, _ in points],
         budget=None if budget_choice is None else vars(budget_choice) | {"label": default.point.label},
+        no_harm_confidence=no_harm_confidence,
     )
     policy.calibration = vars(report)
     return policy, report
+
+
+def _label(k: int, point: OperatingPoint, cost_unit: float) -> str:
+    if point.mix is None:
+        return f"p{k:02d} lambda={point.lam / cost_unit:.6g}"
+    a, b, w = point.mix
+    return f"p{k:02d} tier={a}" if w == 0 or a == b else f"p{k:02d} mix={a}:{b}@{w:.4f}"
+
+
+def held_out(results: list[DPResult], q_by_state: dict, plen: np.ndarray, quality: np.ndarray,
+             cost: np.ndarray, folds: np.ndarray, u: np.ndarray) -> list[DPResult]:
+    """Per point, each row's outcome under the point refitted without the row's fold: the
+    dynamic programme's cross-fitting, nested in the predictors' (whose out-of-fold predictions
+    it reads). Returned as DPResults whose cost and quality are the held-out ones."""
+    n, N = quality.shape
+    fin = np.full((len(results), N), -1)
+    paid = np.zeros((len(results), N))
+    got = np.zeros((len(results), N))
+    for f in range(int(folds.max()) + 1):
+        tr, te = folds != f, folds == f
+        if not tr.any() or not te.any():
+            continue
+        q_tr = {s: q[tr] for s, q in q_by_state.items()}
+        q_te = {s: q[te] for s, q in q_by_state.items()}
+        proj = {}
+        for s, q in q_tr.items():
+            basis = phi(q, plen[tr])
+            proj[s] = (basis, ridge_projector(basis))
+        for i, res in enumerate(results):
+            point = backward_induction(q_tr, plen[tr], quality[:, tr], cost[:, tr], res.point.lam,
+                                       proj, paths=False).point
+            out = simulate(point, q_te, plen[te], quality[:, te], cost[:, te], u[te])
+            fin[i, te], paid[i, te], got[i, te] = out.final_tier, out.cost, out.quality
+    return [DPResult(r.point, fin[i], [], paid[i], got[i]) for i, r in enumerate(results)]
+
+
+class FixedHull:
+    """The fixed tiers' quality/cost hull on the calibration rows, and mixes of its tiers."""
+
+    def __init__(self, quality: np.ndarray, cost: np.ndarray):
+        self.quality, self.cost = quality, cost
+        mc, mq = cost.mean(1), quality.mean(1)
+        hull = upper_hull(mc, mq)
+        self.costs = hull[:, 0]
+        self.tiers = [int(np.flatnonzero(np.isclose(mc, c) & np.isclose(mq, q))[0]) for c, q in hull]
+
+    def mix_at(self, target: float) -> tuple[int, int, float]:
+        """(a, b, w): the mix of adjacent hull tiers whose mean cost is `target` (clamped)."""
+        if target <= self.costs[0] or len(self.tiers) == 1:
+            return self.tiers[0], self.tiers[0], 0.0
+        if target >= self.costs[-1]:
+            return self.tiers[-1], self.tiers[-1], 0.0
+        i = int(np.searchsorted(self.costs, target)) - 1
+        w = (target - self.costs[i]) / (self.costs[i + 1] - self.costs[i])
+        return self.tiers[i], self.tiers[i + 1], float(w)
+
+    def expected(self, mix) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the mix's expected (cost, quality) (w of tier b, 1 - w of tier a)."""
+        a, b, w = mix
+        return ((1 - w) * self.cost[a] + w * self.cost[b],
+                (1 - w) * self.quality[a] + w * self.quality[b])
+
+    def run(self, mix, u: np.ndarray) -> DPResult:
+        """The mix as run: each row to one tier by its row hash."""
+        a, b, w = mix
+        pick = np.where(u < w, b, a)
+        rows = np.arange(len(u))
+        return DPResult(None, pick, [], self.cost[pick, rows], self.quality[pick, rows])
+
+
+def no_harm(res: DPResult, oos: DPResult, hull: FixedHull, u: np.ndarray,
+            confidence: float) -> tuple[DPResult, DPResult]:
+    """Keep a cascade point only if, out of sample, it beats the fixed-tier mix at its cost with
+    at least `confidence` (one-sided normal bound on the paired per-row difference); otherwise
+    the point becomes that mix. Returns the (in-sample, held-out) results of what is kept."""
+    from scipy.stats import norm
+
+    mix = hull.mix_at(float(oos.cost.mean()))
+    _, mix_q = hull.expected(mix)
+    d = oos.quality - mix_q
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    adv = float(d.mean())
+    sure = float(norm.cdf(adv / se)) if se > 0 else float(adv > 0)
+    check = {"advantage": adv, "se": se, "confidence_better": sure, "fallback": sure < confidence,
+             "mix": list(mix)}
+    res.point.check = check
+    if not check["fallback"]:
+        return res, oos
+    point = OperatingPoint(lam=res.point.lam, betas={}, mix=mix, check=check)
+    ran = hull.run(mix, u)
+    ran.point = point
+    return ran, DPResult(point, ran.final_tier, [], ran.cost, ran.quality)
 
 
 def _refine(results: list[DPResult], solve, extra: int) -> list[DPResult]:
@@ -164,12 +289,12 @@ def _refine(results: list[DPResult], solve, extra: int) -> list[DPResult]:
     return results
 
 
-def _spread(results: list[DPResult], k: int) -> list[DPResult]:
-    """k results spread evenly over mean cost, cheapest first (all of them if there are fewer)."""
-    ordered = sorted(results, key=lambda r: (r.cost.mean(), -r.point.lam))
+def _spread(pairs: list[tuple[DPResult, DPResult]], k: int) -> list[tuple[DPResult, DPResult]]:
+    """k (result, held-out) pairs spread evenly over held-out mean cost (all if fewer)."""
+    ordered = sorted(pairs, key=lambda ro: ro[1].cost.mean())
     if len(ordered) <= k:
         return ordered
-    costs = np.array([r.cost.mean() for r in ordered])
+    costs = np.array([o.cost.mean() for _, o in ordered])
     targets = np.linspace(costs[0], costs[-1], k)
     chosen, used = [], set()
     for t in targets:
@@ -178,4 +303,4 @@ def _spread(results: list[DPResult], k: int) -> list[DPResult]:
         if i is not None:
             used.add(i)
             chosen.append(ordered[i])
-    return sorted(chosen, key=lambda r: (r.cost.mean(), -r.point.lam))
+    return chosen

@@ -36,8 +36,14 @@ def main():
 @click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--folds", type=int, default=3, show_default=True, help="Cross-fitting folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--models", default="prior,monotone,linear,mlp", show_default=True,
+              help="Predictor candidates, chosen per state and tier by out-of-fold log-loss.")
+@click.option("--no-harm-confidence", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+              help="Keep a cascade point only with this confidence (on held-out calibration rows) "
+                   "that it beats the fixed-tier mix at its cost; else it becomes that mix.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, folds, seed, quiet):
+def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, folds, seed,
+              models, no_harm_confidence, quiet):
     """Fit quality predictors and the optimal-stopping policy from a logged ladder.
 
     Example: cascade calibrate logs.parquet --out policy/ --min-quality 0.99
@@ -47,16 +53,21 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
     from cascade.ladder import load_ladder
     from cascade.predictor import TrainConfig
 
+    from cascade.predictor import CANDIDATES
+
     if max_cost is not None and min_quality is not None:
         _fail(ValueError("give --max-cost or --min-quality, not both"))
+    kinds = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not kinds or set(kinds) - set(CANDIDATES):
+        _fail(ValueError(f"--models {models!r}: choose from {', '.join(CANDIDATES)}"))
     budget = (Budget("cost", max_cost, confidence) if max_cost is not None else
               Budget("quality", min_quality, confidence) if min_quality is not None else None)
     say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     try:
         ladder = load_ladder(logs, require_quality=True)
         policy, report = fit_policy(ladder, cfg=TrainConfig(hidden=hidden, epochs=epochs,
-                                                            folds=folds, seed=seed),
-                                    budget=budget, log=say)
+                                                            folds=folds, seed=seed, models=kinds),
+                                    budget=budget, no_harm_confidence=no_harm_confidence, log=say)
         path = save_policy(policy, out_dir)
     except (CascadeError, ValueError) as exc:
         _fail(exc)
@@ -67,6 +78,15 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
             if len(m["state"]) == 1:
                 auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
                 click.echo(f"  tier {m['tier']} answer correct, seen alone: AUC {auc}, ECE {m['ece']:.3f}")
+        chosen = {}
+        for m in report.model_choice:
+            chosen.setdefault(m["model"], []).append(f"({','.join(map(str, m['state']))})->{m['tier']}")
+        click.echo("predictors chosen (state -> tier): " + "; ".join(
+            f"{k} {len(v)}" for k, v in sorted(chosen.items())))
+        mixes = [p.label for p in policy.points if p.mix is not None and p.check is not None]
+        click.echo(f"do no harm: {len(mixes)} of {len(policy.points)} points are a fixed-tier mix "
+                   f"(not {no_harm_confidence:.0%} sure to beat it on held-out rows)"
+                   + (f": {', '.join(mixes)}" if mixes else ""))
         click.echo(f"default operating point: {policy.default_label}")
         if report.budget:
             b = report.budget

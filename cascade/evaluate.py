@@ -40,6 +40,58 @@ def per_row(decisions: pl.DataFrame, test: Ladder) -> dict[str, tuple[np.ndarray
     return out
 
 
+def point_kind(point) -> str:
+    """'cascade', 'fixed-tier mix' (a cascade point that failed its out-of-sample check) or
+    'fixed tier'."""
+    if point.mix is None:
+        return "cascade"
+    return "fixed tier" if point.check is None else "fixed-tier mix"
+
+
+BOOTSTRAP = 200
+
+
+def bootstrap(results: dict, test: Ladder, best: int, rng: np.random.Generator,
+              draws: int = BOOTSTRAP, level: float = 0.95, log=lambda m: None) -> dict:
+    """Percentile intervals of the gain and of the policy's cost at 99% of the best tier's
+    quality, resampling test rows with replacement (every method's frontier recomputed on each
+    resample, the oracle's included). The policy's points are fixed: calibration is not redone."""
+    n, N = test.quality.shape
+    pc = np.stack([c for c, _ in results.values()])            # (points, N)
+    pq = np.stack([q for _, q in results.values()])
+    # the oracle's frontier is a chain of per-row steps sorted by slope: only the weights change
+    start = np.argmin(test.cost, axis=0)
+    base_c, base_q = test.cost[start, np.arange(N)], test.quality[start, np.arange(N)]
+    steps = []
+    for i in range(N):
+        h = upper_hull(test.cost[:, i], test.quality[:, i])
+        for (c1, q1), (c2, q2) in zip(h[:-1], h[1:]):
+            steps.append(((q2 - q1) / max(c2 - c1, 1e-12), c2 - c1, q2 - q1, i))
+    steps.sort(key=lambda s: -s[0])
+    _, dc, dq, owner = (np.array(v) for v in zip(*steps)) if steps else ([],) * 4
+    gains, c99s = [], []
+    for _ in range(draws):
+        w = np.bincount(rng.integers(0, N, N), minlength=N) / N
+        mc, mq = test.cost @ w, test.quality @ w
+        lo, hi = float(mc.min()), float(mc[best])
+        fixed = upper_hull(mc, mq)
+        policy = upper_hull(pc @ w, pq @ w)
+        if len(steps):
+            oracle = np.column_stack([base_c @ w + np.r_[0, np.cumsum(dc * w[owner])],
+                                      base_q @ w + np.r_[0, np.cumsum(dq * w[owner])]])
+        else:
+            oracle = np.array([[base_c @ w, base_q @ w]])
+        a_fix, a_pol, a_or = area(fixed, lo, hi), area(policy, lo, hi), area(oracle, lo, hi)
+        if a_or > a_fix:
+            gains.append((a_pol - a_fix) / (a_or - a_fix))
+        c99s.append(cost_at_quality(policy, 0.99 * mq[best]) / mc[best])
+    tail = (1 - level) / 2 * 100
+    def ci(v):
+        v = np.asarray(v, float)
+        return [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if len(v) else None
+    return {"draws": draws, "level": level, "gain": ci(gains), "policy_cost_at_99pct": ci(c99s)}
+
+
 @dataclass
 class EvalResult:
     summary: dict
@@ -75,6 +127,7 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
             if areas["oracle"] > areas["fixed"] else float("nan"))
     target = 0.99 * mq[best]
     cost99 = {k: cost_at_quality(h, target) / mc[best] for k, h in hulls.items()}
+    interval = bootstrap(results, test, best, rng, log=log)
 
     frontier = pl.DataFrame(
         [{"method": k, "cost": c, "quality": q, "on_hull": bool(np.any(
@@ -85,6 +138,8 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
     for p in policy.points:
         c, q = results[p.label]
         lam_rows.append({"point": p.label, "lambda": p.lam / policy.cost_unit,
+                         "kind": point_kind(p),
+                         "confidence_better": None if p.check is None else p.check["confidence_better"],
                          "mean_cost": float(c.mean()), "mean_quality": float(q.mean()),
                          "cost_saving_vs_best": float(1 - c.mean() / mc[best]),
                          "speedup_vs_best": float(mc[best] / c.mean()) if c.mean() > 0 else float("inf"),
@@ -122,6 +177,12 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
                                "cost_vs_best": float(pc.mean() / mc[best]),
                                "quality_vs_best": float(pq.mean() / mq[best])},
         "area": areas, "gain": gain, "cost_at_99pct_of_best_quality": cost99,
+        "bootstrap": interval,
+        "model_choice": [{"state": m["state"], "tier": m["tier"], "model": m["model"]}
+                         for m in report.model_choice],
+        "no_harm": {"confidence": report.no_harm_confidence,
+                    "points": [{"label": p.label, "kind": point_kind(p)} | (p.check or {})
+                               for p in policy.points]},
         "calibration_seconds": report.seconds,
         "predictor_metrics": report.predictor_metrics,
     }
@@ -170,6 +231,11 @@ def document(res: EvalResult):
           f"**{fmt(s['gain'])}**.")
     doc.p("Cost to reach 99% of the best tier's quality, as a fraction of the best tier's cost "
           "(inf: never reached): " + ", ".join(f"{k} {fmt(v)}" for k, v in c99.items()) + ".")
+    b = s.get("bootstrap")
+    if b and b["gain"]:
+        doc.p(f"{b['level']:.0%} bootstrap intervals ({b['draws']} resamples of the test rows): gain "
+              f"{fmt(b['gain'][0])} to {fmt(b['gain'][1])}; policy cost at 99% "
+              f"{fmt(b['policy_cost_at_99pct'][0])} to {fmt(b['policy_cost_at_99pct'][1])}.")
     doc.p(f"Default operating point ({s['default_point']}): cost {fmt(d['cost_vs_best'])} of the best "
           f"tier at {fmt(d['quality_vs_best'])} of its quality.")
     f = res.frontier
@@ -180,6 +246,28 @@ def document(res: EvalResult):
         lines, {f"tier {t}": (c, q) for t, (c, q) in enumerate(zip(fixed["cost"], fixed["quality"]))},
         "Quality/cost frontiers on the test rows"),
         "Upper hulls of the policy's operating points, the fixed tiers, the FrugalGPT-style grid and the oracle")
+    if s.get("model_choice"):
+        doc.h2("Predictor chosen per state")
+        doc.p("Per state (tiers already run) and tier, the candidate with the lowest out-of-fold "
+              "log-loss on the calibration rows: prior (the tier's base rate), monotone (Platt "
+              "scaling of one logged number), linear (Platt-scaled ridge regression on every "
+              "feature), mlp.")
+        choice = pl.DataFrame(s["model_choice"]).with_columns(
+            pl.col("state").map_elements(lambda v: "(" + ",".join(map(str, v)) + ")",
+                                         return_dtype=pl.String))
+        doc.frame(choice, ["state", "tier", "model"])
+    if s.get("no_harm"):
+        nh = s["no_harm"]
+        pts = pl.DataFrame([{"point": p["label"], "kind": p["kind"],
+                             "advantage": p.get("advantage"), "confidence_better": p.get("confidence_better")}
+                            for p in nh["points"]])
+        fell = pts.filter(pl.col("kind") == "fixed-tier mix").height
+        doc.h2("Do no harm")
+        doc.p(f"Each cascade point was checked on held-out calibration rows (nested cross-fitting) "
+              f"against the fixed-tier mix at its cost; {fell} of the {len(pts)} points kept "
+              f"became that mix (kept only with at least {nh['confidence']:.0%} confidence of "
+              "beating it). advantage: held-out quality over the mix's.")
+        doc.frame(pts, ["point", "kind", "advantage", "confidence_better"])
     doc.h2("Lambda sweep (paper Table 2, measured)")
     doc.p("Each operating point replayed causally on the test rows; lambda in units of quality per "
           "unit of logged cost. The paper's Table 2 reports a single headline speedup that its own "

@@ -150,12 +150,22 @@ class Standardizer:
         self.mean, self.std = mean, std
 
     def fit(self, x: np.ndarray) -> "Standardizer":
-        self.mean = x.mean(0)
-        self.std = np.where(x.std(0) > 1e-8, x.std(0), 1.0)
+        """Statistics of the finite values of each column (a column with none: mean 0, std 1)."""
+        finite = np.where(np.isfinite(x), x, np.nan).astype(np.float64)
+        seen = np.isfinite(finite).any(0)
+        filled = np.where(seen, finite, 0.0)            # a column never seen: zeros, no warning
+        mean = np.where(seen, np.nanmean(filled, 0), 0.0) if len(x) else np.zeros(x.shape[1])
+        std = np.where(seen, np.nanstd(filled, 0), 1.0) if len(x) else np.ones(x.shape[1])
+        self.mean = mean.astype(np.float32)
+        self.std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
         return self
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.clip((x - self.mean) / self.std, -6, 6).astype(np.float32)
+        """Standardised and clipped to [-6, 6]. A missing value (NaN) sits at the column's mean;
+        -inf / +inf (a log-probability of an impossible token) go to the ends, so a feature stays
+        monotone in the raw value."""
+        z = (np.asarray(x, np.float32) - self.mean) / self.std
+        return np.clip(np.nan_to_num(z, nan=0.0, posinf=6.0, neginf=-6.0), -6, 6).astype(np.float32)
 
     def to_json(self) -> dict:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
@@ -172,8 +182,9 @@ class Observations:
     a featurizer can only read blocks that were revealed.
     """
 
-    def __init__(self, prompts, prompt_text, prompt_num):
+    def __init__(self, prompts, prompt_text, prompt_num, row_ids=None):
         self.n_rows = len(prompts)
+        self.row_ids = None if row_ids is None else np.asarray(row_ids, dtype=object)
         self.prompt_dense, self.prompt_hashed = prompt_block(prompts, prompt_text, prompt_num)
         self.tiers: dict[int, tuple] = {}
         self.outputs: dict[int, np.ndarray] = {}
@@ -185,6 +196,7 @@ class Observations:
     def take(self, idx) -> "Observations":
         out = Observations.__new__(Observations)
         out.n_rows = len(idx)
+        out.row_ids = None if self.row_ids is None else self.row_ids[idx]
         out.prompt_dense, out.prompt_hashed = self.prompt_dense[idx], self.prompt_hashed[idx]
         out.tiers = {t: tuple(part[idx] for part in blk) for t, blk in self.tiers.items()}
         out.outputs = {t: o[idx] for t, o in self.outputs.items()}
@@ -213,6 +225,21 @@ class StateFeaturizer:
                                    {t: obs.outputs[t] for t in state}, state))
         return np.ascontiguousarray(np.hstack(parts), dtype=np.float32)
 
+    def numeric_columns(self, state: tuple[int, ...], prompt_num: list[str],
+                        output_num: list[str]) -> dict[str, int]:
+        """Where the logged numeric signals sit in this state's design matrix: 'col' for a
+        prompt-level number, 'col@tier{t}' for an output-level one of a run tier t."""
+        out = {}
+        n_stats = len(self.prompt_scaler.mean) - len(prompt_num)
+        out.update({c: n_stats + k for k, c in enumerate(prompt_num)})
+        offset = len(self.prompt_scaler.mean) + PROMPT_HASH + META_HASH
+        for t in state:
+            width = len(self.tier_scalers[t].mean)
+            first = offset + width - len(output_num)
+            out.update({f"{c}@tier{t}": first + k for k, c in enumerate(output_num)})
+            offset += width + OUTPUT_HASH + ANSWER_HASH
+        return out
+
     def to_json(self) -> dict:
         return {"prompt": self.prompt_scaler.to_json(),
                 "tiers": {str(t): s.to_json() for t, s in self.tier_scalers.items()}}
@@ -225,7 +252,7 @@ class StateFeaturizer:
 
 def observe_all(ladder) -> Observations:
     """Observations with every tier revealed: for calibration, where all tiers were logged."""
-    obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num)
+    obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num, ladder.row_ids)
     for t in range(ladder.n_tiers):
         obs.reveal(t, ladder.outputs[t], None if ladder.cost is None else ladder.cost[t],
                    {k: v[t] for k, v in ladder.output_num.items()})

@@ -154,7 +154,9 @@ def load_ladder(path_or_frame, *, require_quality: bool = False, require_cost: b
         return series.cast(pl.String, strict=False).fill_null("").to_numpy().astype(object)
 
     def number(series: pl.Series) -> np.ndarray:
-        return series.cast(pl.Float64, strict=False).fill_null(0.0).fill_nan(0.0).to_numpy()
+        # missing stays NaN and -inf stays -inf (a log-probability of 0 would read as certainty);
+        # the featurizer's standardiser places them (features.Standardizer)
+        return series.cast(pl.Float64, strict=False).fill_null(float("nan")).to_numpy()
 
     outputs = text(frame["output"]).reshape(n, N)
     prompts = text(first["prompt"])

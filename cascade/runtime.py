@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from cascade.features import Observations, StateFeaturizer, tier_block
 from cascade.ladder import Ladder
-from cascade.policy import OperatingPoint, decide, phi, solve_order
+from cascade.policy import OperatingPoint, decide, phi, row_hash, solve_order
 from cascade.predictor import StatePredictor, TrainConfig
 
 
@@ -48,7 +48,9 @@ class Policy:
     def decide(self, obs: Observations, state: tuple[int, ...], label: str | None = None):
         """(action, kept, q): action -1 = stop and keep tier `kept`, else the tier to run next."""
         q = self.predict(obs, state)
-        action, kept = decide(state, q, self.basis(obs, q), self.point(label), self.n_tiers)
+        point = self.point(label)
+        u = None if point.mix is None or obs.row_ids is None else row_hash(obs.row_ids)
+        action, kept = decide(state, q, self.basis(obs, q), point, self.n_tiers, u)
         return action, kept, q
 
 
@@ -110,6 +112,7 @@ def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> p
     points = [policy.point(label) for label in labels] if labels else policy.points
     prompt_obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num)
     tiers = _LazyTiers(ladder, policy.calibration.get("tier_cost"))
+    u = row_hash(ladder.row_ids)
     final = np.full((len(points), N), -1)
     step = np.full((len(points), N, n), -1, np.int16)     # [point, row, tier]: when the tier ran
     at = {((), k): np.arange(N) for k in range(len(points))}
@@ -124,7 +127,7 @@ def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> p
         pos = {r: i for i, r in enumerate(rows)}
         for k, r in groups:
             sel = np.fromiter((pos[i] for i in r), int, len(r))
-            action, kept = decide(state, q[sel], basis[sel], points[k], n)
+            action, kept = decide(state, q[sel], basis[sel], points[k], n, u[r])
             final[k, r[action < 0]] = kept[action < 0]
             for j in np.unique(action[action >= 0]):
                 go = r[action == j]

@@ -56,7 +56,8 @@ class ArtifactPolicy:
         text = {c: np.array(["" if r.get(c) is None else str(r.get(c)) for r in rows], dtype=object)
                 for c in schema.get("prompt_text", [])}
         num = {c: np.array([_float(r.get(c)) for r in rows]) for c in schema.get("prompt_num", [])}
-        obs = Observations(np.array(prompts, dtype=object), text, num)
+        obs = Observations(np.array(prompts, dtype=object), text, num,
+                           row_ids=[r.get("id") for r in rows])
         for t in state:
             recs = [next(x for x in r["trace"] if x["tier"] == t) for r in rows]
             feats = {c: np.array([_float(x.get(c)) for x in recs])
@@ -96,11 +97,12 @@ class ArtifactPolicy:
 
 
 def _float(v) -> float:
+    """A logged number as the featurizer takes it: missing is NaN, -inf stays -inf (the
+    featurizer's standardiser places both; 0.0 would read as a certain log-probability)."""
     try:
-        f = float(v)
+        return float(v)
     except (TypeError, ValueError):
-        return 0.0
-    return f if np.isfinite(f) else 0.0
+        return float("nan")
 
 
 def _chat_text(messages) -> str:

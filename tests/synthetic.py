@@ -77,3 +77,44 @@ def keeps_earlier(n_rows: int, seed: int) -> pl.DataFrame:
                          (0.1, 0.6, 0.2)[t], conf[t], "hard" if hard else "easy"))
     return pl.DataFrame(rows, orient="row", schema=["row_id", "tier", "model", "prompt", "output",
                                                     "quality", "cost", "mean_logprob", "category"])
+
+
+def confidence_ladder(n_rows: int, seed: int) -> pl.DataFrame:
+    """Two tiers where one logged number says it all: tier 0 is right with probability
+    sigmoid(3 (logprob + 1)) of its own `logprob` (a token log-probability; 5% of them -inf, 5%
+    missing), its text is noise; tier 1 is right 85% of the time at ten times the cost."""
+    rng = np.random.default_rng(seed)
+    lp = -rng.exponential(1.0, n_rows)
+    right0 = rng.random(n_rows) < 1 / (1 + np.exp(-3 * (lp + 1)))
+    logged = lp.copy()
+    logged[rng.random(n_rows) < 0.05] = -np.inf          # an impossible token: surely wrong...
+    right0[np.isneginf(logged)] = False
+    missing = rng.random(n_rows) < 0.05
+    rows = []
+    for i in range(n_rows):
+        prompt = " ".join(rng.choice(WORDS, 8))
+        rid = f"c{seed}-{i}"
+        rows.append((rid, 0, "small", prompt, " ".join(rng.choice(WORDS, 3)), float(right0[i]), 0.1,
+                     None if missing[i] else float(logged[i])))
+        rows.append((rid, 1, "large", prompt, " ".join(rng.choice(WORDS, 3)),
+                     float(rng.random() < 0.85), 1.0, float(-rng.exponential(0.3))))
+    return pl.DataFrame(rows, orient="row", schema={
+        "row_id": pl.String, "tier": pl.Int32, "model": pl.String, "prompt": pl.String,
+        "output": pl.String, "quality": pl.Float64, "cost": pl.Float64, "logprob": pl.Float64})
+
+
+def noise_ladder(n_rows: int, seed: int) -> pl.DataFrame:
+    """Three tiers whose outcomes nothing logged predicts: prompts and outputs are random words,
+    quality is an independent coin per tier (0.55, 0.6, 0.8 at costs 0.1, 0.5, 1). No policy can
+    beat mixing fixed tiers here; one that overfits its calibration rows does worse."""
+    rng = np.random.default_rng(seed)
+    acc, cost = (0.55, 0.6, 0.8), (0.1, 0.5, 1.0)
+    rows = []
+    for i in range(n_rows):
+        prompt = " ".join(rng.choice(WORDS, 10))
+        for t in range(3):
+            rows.append((f"n{seed}-{i}", t, f"m{t}", prompt, " ".join(rng.choice(WORDS, 4)),
+                         float(rng.random() < acc[t]), cost[t] * (1 + 0.05 * rng.random()),
+                         float(rng.normal())))
+    return pl.DataFrame(rows, orient="row", schema=["row_id", "tier", "model", "prompt", "output",
+                                                    "quality", "cost", "mean_logprob"])

@@ -7,6 +7,7 @@ import heapq
 import json
 import time
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -388,6 +389,26 @@ def test_artifact_policy_in_a_job_decides_exactly_as_offline_replay(tmp_path):
     runs = out["tiers_run"].to_list()
     assert sum(r[0] > 0 for r in runs) > 0                                   # started above tier 0
     assert sum(any(b - a > 1 for a, b in zip(r, r[1:])) for r in runs) > 0    # skipped
+
+
+def test_fixed_tier_mix_point_in_a_job_sends_each_row_where_replay_does(tmp_path):
+    """A fixed-tier mix point (what a cascade point becomes when it fails its do-no-harm check)
+    in a job: each row runs exactly one tier, chosen by the hash of its id, as offline replay."""
+    from cascade.artifact import save_policy
+    from cascade.policy import OperatingPoint, row_hash
+    from tests.synthetic import three_tier
+
+    policy, first = calibrated_artifact(tmp_path, three_tier, 600, 200)
+    policy.points.append(OperatingPoint(lam=float("nan"), betas={}, mix=(0, 2, 0.3),
+                                        check={"fallback": True}, label="mix-0-2"))
+    save_policy(policy, tmp_path / "policy")
+    spec = make_spec(tmp_path, tmp_path / "in.parquet",
+                     policy={"artifact": str(tmp_path / "policy"), "point": "mix-0-2"})
+    out = results(run_embedded(spec, engine_factory=scripted_factory()).dir)
+    expect = np.where(row_hash(out["id"].to_list()) < 0.3, 2, 0)
+    assert out["tiers_run"].to_list() == [[int(t)] for t in expect]
+    assert out["final_tier"].to_list() == expect.tolist()
+    assert 0.2 < np.mean(expect == 2) < 0.4
 
 
 def test_artifact_policy_starts_above_tier_0_skips_tier_1_and_keeps_an_earlier_answer(tmp_path):

@@ -1,0 +1,80 @@
+"""Decision quality: model choice per state, numeric confidence used monotonically, and do no
+harm (points that do not beat the fixed-tier mix out of sample become that mix)."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cascade.calibrate import fit_policy
+from cascade.evaluate import evaluate
+from cascade.features import Observations
+from cascade.ladder import load_ladder
+from cascade.policy import row_hash
+from cascade.runtime import replay
+from tests.synthetic import confidence_ladder, noise_ladder
+
+
+@pytest.fixture(scope="module")
+def confident():
+    cal = load_ladder(confidence_ladder(400, seed=1), require_quality=True)
+    policy, report = fit_policy(cal)
+    return policy, report, cal
+
+
+def test_small_set_uses_the_confidence_column_not_the_mlp(confident):
+    policy, report, _ = confident
+    chosen = {(tuple(m["state"]), m["tier"]): m["model"] for m in report.model_choice}
+    # tier 0's answer, once seen: 400 rows, one informative number -> a simple model of it
+    assert chosen[((0,), 0)] in ("monotone:logprob@tier0", "linear"), chosen
+    assert set(chosen.values()) <= {"prior", "linear", "mlp"} | {f"monotone:logprob@tier{t}" for t in (0, 1)}
+    # every choice is the lowest out-of-fold log-loss among the candidates
+    for m in report.model_choice:
+        assert m["log_loss"][m["model"]] == min(m["log_loss"].values())
+
+
+def test_confidence_is_used_monotonically_and_non_finite_values_are_placed(confident):
+    policy, _, cal = confident
+    grid = [-np.inf, -8.0, -4.0, -2.0, -1.0, -0.5, -0.1, 0.0]
+    obs = Observations(np.array([cal.prompts[0]] * (len(grid) + 1), dtype=object), {}, {})
+    values = np.array(grid + [np.nan])
+    obs.reveal(0, [cal.outputs[0, 0]] * len(values), np.full(len(values), 0.1), {"logprob": values})
+    p = policy.predict(obs, (0,))[:, 0]
+    assert np.isfinite(p).all()
+    assert np.all(np.diff(p[:len(grid)]) >= -1e-9), p       # never less sure as logprob rises
+    assert p[len(grid) - 1] - p[0] > 0.3                     # and it matters
+    assert p[0] <= p[-1] <= p[len(grid) - 1]                 # missing: in between
+
+
+def test_noise_ladder_falls_back_to_fixed_tiers_and_does_no_harm():
+    res = evaluate(load_ladder(noise_ladder(1500, seed=2), require_quality=True))
+    s = res.summary
+    assert s["gain"] >= -0.01, s["gain"]
+    points = s["no_harm"]["points"]
+    kept = [p for p in points if p["kind"] == "cascade"]
+    assert any(p["kind"] == "fixed-tier mix" for p in points)
+    assert all(p["confidence_better"] >= s["no_harm"]["confidence"] for p in kept)
+    lo, hi = s["bootstrap"]["gain"]
+    assert lo <= s["gain"] <= hi
+
+
+def test_fixed_tier_mix_points_assign_rows_by_hash():
+    cal = load_ladder(noise_ladder(600, seed=3), require_quality=True)
+    test = load_ladder(noise_ladder(2000, seed=4), require_quality=True)
+    policy, _ = fit_policy(cal)
+    mixes = [p for p in policy.points if p.mix is not None and p.mix[0] != p.mix[1]]
+    fixed = [p for p in policy.points if p.mix is not None and p.check is None]
+    assert mixes and sorted(p.mix[0] for p in fixed) == [0, 2]    # the hull's tiers: 0 and 2
+    d = replay(policy, test.without_labels())
+    u = row_hash(test.row_ids)
+    for p in mixes + fixed:
+        g = d.filter(pl.col("point") == p.label)
+        a, b, w = p.mix
+        assert g["tiers_run"].list.len().max() == 1                  # one tier, then stop
+        expect = np.where(u < w, b, a)
+        assert g["final_tier"].to_list() == expect.tolist()
+        assert abs(np.mean(expect == b) - w) < 0.05 or a == b
+    # the same row goes to the same tier whatever else is in the batch
+    half = test.subset(np.arange(0, len(test), 2)).without_labels()
+    d2 = replay(policy, half, [mixes[0].label]).sort("row_id")
+    d1 = d.filter(pl.col("point") == mixes[0].label).filter(pl.col("row_id").is_in(d2["row_id"].to_list())).sort("row_id")
+    assert d1["final_tier"].to_list() == d2["final_tier"].to_list()
