@@ -32,6 +32,7 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/replay_bench.py
+	$(BIN)/python bench/ladders_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/job_bench.py
 	$(BIN)/python bench/orchestration_bench.py --rows 100000 --rows 1000000

@@ -124,6 +124,9 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     fallbacks, swept = sum(r.point.mix is not None for r, _ in checked), len(checked)
     if fixed:        # a point that fell back to a single tier is that fixed tier's point already
         checked = [(r, o) for r, o in checked if r.point.mix is None or r.point.mix[0] != r.point.mix[1]]
+    seen = set()     # and two points that fell back to the same mix are one point
+    checked = [(r, o) for r, o in checked
+               if r.point.mix is None or not (r.point.mix in seen or seen.add(r.point.mix))]
     results = [r for r, _ in checked] + fixed
     held = [o for _, o in checked] + fixed
     for res, oos in zip(results, held):
@@ -228,8 +231,11 @@ class FixedHull:
         if target >= self.costs[-1]:
             return self.tiers[-1], self.tiers[-1], 0.0
         i = int(np.searchsorted(self.costs, target)) - 1
-        w = (target - self.costs[i]) / (self.costs[i + 1] - self.costs[i])
-        return self.tiers[i], self.tiers[i + 1], float(w)
+        w = float((target - self.costs[i]) / (self.costs[i + 1] - self.costs[i]))
+        if w < 1e-6 or w > 1 - 1e-6:                  # at a vertex: that tier alone
+            t = self.tiers[i] if w < 0.5 else self.tiers[i + 1]
+            return t, t, 0.0
+        return self.tiers[i], self.tiers[i + 1], round(w, 6)
 
     def expected(self, mix) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the mix's expected (cost, quality) (w of tier b, 1 - w of tier a)."""
