@@ -1,6 +1,6 @@
 """Job-system benchmark on the demo: rows/s per tier and end to end through `cascade run`
-(embedded executor), the same rows through plain `model.generate` at the same batch size
-(overhead ratio), cold and cached model loads, and the demo's quality and cost against running
+(embedded executor), the same rows through plain transformers at the same batch size (overhead
+ratio: `model.generate`, or for the demo's choices one full forward scoring every choice), cold and cached model loads, and the demo's quality and cost against running
 every row on the last tier (measured here by running every row on it with plain generate).
 
     .venv/bin/python bench/job_bench.py [--rows 200] [--cold]
@@ -48,6 +48,36 @@ def plain_generate(tok, model, batches: list[list[str]], max_tokens: int):
             texts += [t.split("\n")[0] for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                  skip_special_tokens=True)]
     return texts, time.perf_counter() - t0
+
+
+def plain_choose(tok, model, batches: list[list[str]], choices: list[str]):
+    """Plain transformers scoring of every choice after every prompt: one left-padded full forward
+    per batch of (prompt, choice) sequences, no prefix reuse; the answer is the choice with the
+    highest summed token log-probability. Returns (answers, seconds)."""
+    import torch
+
+    from workers.engines.base import choice_text
+
+    answers, t0 = [], time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            seqs, widths = [], []
+            for prompt in batch:
+                ids = tok(prompt)["input_ids"]
+                for c in choices:
+                    c_ids = tok(choice_text(prompt, c), add_special_tokens=False)["input_ids"]
+                    seqs.append(ids + c_ids)
+                    widths.append(len(c_ids))
+            enc = tok.pad({"input_ids": seqs}, return_tensors="pt", padding=True)
+            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            keep = max(widths) + 1                # logits of the choice positions only
+            logp = torch.log_softmax(model(**enc, position_ids=pos, logits_to_keep=keep).logits.float(), -1)
+            totals = [float(logp[i, keep - 1 - w:keep - 1].gather(-1, enc["input_ids"][i, -w:, None]).sum())
+                      for i, w in enumerate(widths)]
+            for r in range(len(batch)):
+                row = totals[r * len(choices):(r + 1) * len(choices)]
+                answers.append(choices[max(range(len(choices)), key=row.__getitem__)])
+    return answers, time.perf_counter() - t0
 
 
 def main():
@@ -123,7 +153,10 @@ def main():
             tab = pl.from_arrow(job.store.read_arrow(u["file"]))
             batches.append(tab.filter(pl.col("next_tier") == i)["prompt"].to_list())
         n = sum(map(len, batches))
-        _, secs = plain_generate(*plain_models[t.name], batches, t.sampling.max_tokens)
+        if t.choices or spec.choices:            # the demo answers from its choices
+            _, secs = plain_choose(*plain_models[t.name], batches, t.choices or spec.choices)
+        else:
+            _, secs = plain_generate(*plain_models[t.name], batches, t.sampling.max_tokens)
         plain[t.name] = {"rows": n, "batches": [len(b) for b in batches], "seconds": secs,
                          "rows_per_s": n / secs if secs else None}
     for p in per_tier:
@@ -138,8 +171,11 @@ def main():
     engine = base.get_engine(last)
     prompts = out["prompt"].to_list()
     t0 = time.perf_counter()
+    labels = last.choices or spec.choices
     gens = [g for i in range(0, len(prompts), spec.shard_rows)
-            for g in engine.generate(prompts[i:i + spec.shard_rows], last.sampling)]
+            for g in (engine.choose(prompts[i:i + spec.shard_rows],
+                                    [labels] * len(prompts[i:i + spec.shard_rows])) if labels
+                      else engine.generate(prompts[i:i + spec.shard_rows], last.sampling))]
     secs = time.perf_counter() - t0
     con = duckdb.connect()
     con.execute(report.SCORER_MACROS)

@@ -49,8 +49,8 @@ def main():
     kept0 = int((out["final_tier"] == 0).sum())
     quality = [r for r in run_all(str(runs / "demo-artifact"))["quality"][1] if r[0] == "overall"][0][5]
     # every demo row on gemma alone: the demo spec with a rule that escalates every row
-    spec.update(name="demo-all", output="runs/demo-all", policy={"rule": {"feature": "first_logprob",
-                                                                           "threshold": 0.0}})
+    spec.update(name="demo-all", output="runs/demo-all", policy={"rule": {"feature": "choice_prob",
+                                                                           "threshold": 1.01}})
     (runs / "demo-all.yaml").write_text(yaml.safe_dump(spec))
     cascade("run", "runs/demo-all.yaml", "--overwrite", "--quiet")
     both = replay_logs(str(runs / "demo-all"))

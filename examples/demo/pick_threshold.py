@@ -1,12 +1,12 @@
 """Choose the demo's escalation threshold from a calibration job in which both tiers answered
-every row (examples/demo/calibrate.yaml). For every candidate threshold on tier 0's first-token
-log-probability it computes, from the job's results, the cascade's quality (normalised label
+every row (examples/demo/calibrate.yaml). For every candidate threshold on tier 0's confidence
+FEATURE (default choice_prob: the probability of its answer over the two labels) it computes, from the job's results, the cascade's quality (normalised label
 match) and cost; it prints the frontier and picks the cheapest threshold whose quality reaches
 TARGET (default 0.9) of tier 1's quality, the budget mode of `cascade calibrate` in miniature.
 The `above mix` column is the cascade's quality minus what a random mix of the two fixed tiers
 gets at the same cost: where it is negative, cascading does not pay on this pair.
 
-    .venv/bin/python examples/demo/pick_threshold.py runs/demo-calibration [TARGET]
+    .venv/bin/python examples/demo/pick_threshold.py runs/demo-calibration [TARGET] [FEATURE]
 """
 
 import sys
@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from jobs.report import replay_logs  # noqa: E402  (the same rows and scorer as `cascade logs`)
 
 
-def main(job_dir: str, target: str = "0.9"):
+def main(job_dir: str, target: str = "0.9", feature: str = "choice_prob"):
     target = float(target)
     logs = replay_logs(job_dir)
     t0, t1 = (logs.filter(pl.col("tier") == t).sort("row_id") for t in (0, 1))
-    fl, c0, c1 = t0["first_logprob"].to_numpy(), t0["cost"].to_numpy(), t1["cost"].to_numpy()
+    fl, c0, c1 = t0[feature].to_numpy(), t0["cost"].to_numpy(), t1["cost"].to_numpy()
     q0, q1 = t0["quality"].to_numpy(), t1["quality"].to_numpy()
     n = len(fl)
     fixed0, fixed1 = (c0.mean(), q0.mean()), ((c1).mean(), q1.mean())
