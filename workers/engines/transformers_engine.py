@@ -181,11 +181,14 @@ class TransformersEngine(Engine):
                               padding=True).to(self.device)
                 positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
                 logits = self.model(**enc, position_ids=positions, logits_to_keep=keep).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
+            # log-probability of each choice token = its logit - logsumexp over the vocabulary:
+            # no (rows, positions, vocabulary) log_softmax tensor is materialised
+            norm = torch.logsumexp(logits, dim=-1)
             for b, i in enumerate(part):
                 n = width[i]
                 target = torch.tensor(seqs[i][-n:], device=self.device).unsqueeze(-1)
-                scores[i] = logp[b, keep - 1 - n:keep - 1].gather(-1, target).squeeze(-1).tolist()
+                rows = slice(keep - 1 - n, keep - 1)
+                scores[i] = (logits[b, rows].gather(-1, target).squeeze(-1) - norm[b, rows]).tolist()
         return chosen_each([len(x) for x in prompt_ids], choices, scores)
 
     def _prefix_cache(self, prefix: list[int]):
