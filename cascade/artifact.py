@@ -106,7 +106,8 @@ def load_policy(path: str | Path):
         predictors[_state(key)] = StatePredictor(
             models, np.asarray(info["platt"]), info.get("heads"),
             None if weight is None else weight.numpy(), None if bias is None else bias.numpy())
-    points = [OperatingPoint(lam=float("nan") if p["lambda_normalised"] is None else p["lambda_normalised"], label=p["label"], cal_cost=p["cal_cost"],
+    points = [OperatingPoint(lam=float("nan") if p["lambda_normalised"] is None else p["lambda_normalised"],
+                             label=p["label"], cal_cost=p["cal_cost"],
                              cal_quality=p["cal_quality"],
                              mix=None if p.get("mix") is None else (int(p["mix"][0]), int(p["mix"][1]),
                                                                     float(p["mix"][2])),

@@ -16,7 +16,8 @@ from cascade.features import StateFeaturizer, observe_all
 from cascade.frontier import upper_hull
 from cascade.ladder import Ladder
 from cascade.policy import (DPResult, OperatingPoint, all_states, backward_induction,
-                            choose_budget, phi, ridge_projector, row_hash, simulate)
+                            choose_budget, mix_pick, phi, ridge_projector, row_hash,
+                            simulate)
 from cascade.predictor import TrainConfig, auc, ece, fit_state, fold_of
 
 # Normalised lambdas swept: 0 (quality only) then log-spaced up to where only the cheapest
@@ -245,8 +246,7 @@ class FixedHull:
 
     def run(self, mix, u: np.ndarray) -> DPResult:
         """The mix as run: each row to one tier by its row hash."""
-        a, b, w = mix
-        pick = np.where(u < w, b, a)
+        pick = mix_pick(mix, u)
         rows = np.arange(len(u))
         return DPResult(None, pick, [], self.cost[pick, rows], self.quality[pick, rows])
 
@@ -269,10 +269,9 @@ def no_harm(res: DPResult, oos: DPResult, hull: FixedHull, u: np.ndarray,
     res.point.check = check
     if not check["fallback"]:
         return res, oos
-    point = OperatingPoint(lam=res.point.lam, betas={}, mix=mix, check=check)
-    ran = hull.run(mix, u)
-    ran.point = point
-    return ran, DPResult(point, ran.final_tier, [], ran.cost, ran.quality)
+    ran = hull.run(mix, u)           # no fitted part: its held-out outcome is the same run
+    ran.point = OperatingPoint(lam=res.point.lam, betas={}, mix=mix, check=check)
+    return ran, ran
 
 
 def _refine(results: list[DPResult], solve, extra: int) -> list[DPResult]:

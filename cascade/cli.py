@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -51,9 +52,7 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
     from cascade.artifact import save_policy
     from cascade.calibrate import Budget, fit_policy
     from cascade.ladder import load_ladder
-    from cascade.predictor import TrainConfig
-
-    from cascade.predictor import CANDIDATES
+    from cascade.predictor import CANDIDATES, TrainConfig
 
     if max_cost is not None and min_quality is not None:
         _fail(ValueError("give --max-cost or --min-quality, not both"))
@@ -78,11 +77,9 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
             if len(m["state"]) == 1:
                 auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
                 click.echo(f"  tier {m['tier']} answer correct, seen alone: AUC {auc}, ECE {m['ece']:.3f}")
-        chosen = {}
-        for m in report.model_choice:
-            chosen.setdefault(m["model"], []).append(f"({','.join(map(str, m['state']))})->{m['tier']}")
+        chosen = Counter(m["model"] for m in report.model_choice)
         click.echo("predictors chosen (state -> tier): " + "; ".join(
-            f"{k} {len(v)}" for k, v in sorted(chosen.items())))
+            f"{k} {v}" for k, v in sorted(chosen.items())))
         mixes = [p.label for p in policy.points if p.mix is not None and p.check is not None]
         click.echo(f"do no harm: {len(mixes)} of {len(policy.points)} points are a fixed-tier mix "
                    f"(not {no_harm_confidence:.0%} sure to beat it on held-out rows)"

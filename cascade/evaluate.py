@@ -17,7 +17,8 @@ import polars as pl
 
 from cascade.baselines import FrugalGPT, random_mix
 from cascade.calibrate import fit_policy
-from cascade.frontier import area, cost_at_quality, oracle_hull, upper_hull, value_at
+from cascade.frontier import (area, cost_at_quality, oracle_chain, oracle_hull, oracle_steps,
+                              upper_hull, value_at)
 from cascade.ladder import Ladder
 from cascade.runtime import replay, spent
 from cascade.stats import bonferroni, compare
@@ -52,23 +53,14 @@ BOOTSTRAP = 200
 
 
 def bootstrap(results: dict, test: Ladder, best: int, rng: np.random.Generator,
-              draws: int = BOOTSTRAP, level: float = 0.95, log=lambda m: None) -> dict:
+              draws: int = BOOTSTRAP, level: float = 0.95) -> dict:
     """Percentile intervals of the gain and of the policy's cost at 99% of the best tier's
     quality, resampling test rows with replacement (every method's frontier recomputed on each
     resample, the oracle's included). The policy's points are fixed: calibration is not redone."""
-    n, N = test.quality.shape
+    N = len(test)
     pc = np.stack([c for c, _ in results.values()])            # (points, N)
     pq = np.stack([q for _, q in results.values()])
-    # the oracle's frontier is a chain of per-row steps sorted by slope: only the weights change
-    start = np.argmin(test.cost, axis=0)
-    base_c, base_q = test.cost[start, np.arange(N)], test.quality[start, np.arange(N)]
-    steps = []
-    for i in range(N):
-        h = upper_hull(test.cost[:, i], test.quality[:, i])
-        for (c1, q1), (c2, q2) in zip(h[:-1], h[1:]):
-            steps.append(((q2 - q1) / max(c2 - c1, 1e-12), c2 - c1, q2 - q1, i))
-    steps.sort(key=lambda s: -s[0])
-    _, dc, dq, owner = (np.array(v) for v in zip(*steps)) if steps else ([],) * 4
+    steps = oracle_steps(test.quality, test.cost)              # only the rows' weights change
     gains, c99s = [], []
     for _ in range(draws):
         w = np.bincount(rng.integers(0, N, N), minlength=N) / N
@@ -76,11 +68,7 @@ def bootstrap(results: dict, test: Ladder, best: int, rng: np.random.Generator,
         lo, hi = float(mc.min()), float(mc[best])
         fixed = upper_hull(mc, mq)
         policy = upper_hull(pc @ w, pq @ w)
-        if len(steps):
-            oracle = np.column_stack([base_c @ w + np.r_[0, np.cumsum(dc * w[owner])],
-                                      base_q @ w + np.r_[0, np.cumsum(dq * w[owner])]])
-        else:
-            oracle = np.array([[base_c @ w, base_q @ w]])
+        oracle = oracle_chain(steps, w)
         a_fix, a_pol, a_or = area(fixed, lo, hi), area(policy, lo, hi), area(oracle, lo, hi)
         if a_or > a_fix:
             gains.append((a_pol - a_fix) / (a_or - a_fix))
@@ -127,7 +115,7 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
             if areas["oracle"] > areas["fixed"] else float("nan"))
     target = 0.99 * mq[best]
     cost99 = {k: cost_at_quality(h, target) / mc[best] for k, h in hulls.items()}
-    interval = bootstrap(results, test, best, rng, log=log)
+    interval = bootstrap(results, test, best, rng)
 
     frontier = pl.DataFrame(
         [{"method": k, "cost": c, "quality": q, "on_hull": bool(np.any(

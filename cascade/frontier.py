@@ -51,21 +51,38 @@ def cost_at_quality(hull: np.ndarray, target: float) -> float:
     return float(x1 + (target - y1) * (x2 - x1) / (y2 - y1))
 
 
-def oracle_hull(quality: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """Frontier of an oracle that knows every row's outcome at every tier and pays only for the
-    tier it picks: a fractional knapsack per budget, solved greedily over each row's own hull."""
+def oracle_steps(quality: np.ndarray, cost: np.ndarray):
+    """What an oracle that knows every row's outcome at every tier does as its budget grows: start
+    each row on its cheapest tier, then take the steps of the rows' own hulls in order of falling
+    quality per cost (a fractional knapsack). Returns (start cost, start quality) per row and
+    the steps in that order: cost added, quality added, the row it belongs to."""
     n, N = quality.shape
     start = np.argmin(cost + 0 * quality, axis=0)       # cheapest tier of each row
-    base_c = cost[start, np.arange(N)].sum()
-    base_q = quality[start, np.arange(N)].sum()
-    steps = []
+    rows = np.arange(N)
+    slope, dc, dq, owner = [], [], [], []
     for i in range(N):
         h = upper_hull(cost[:, i], quality[:, i])
         for (c1, q1), (c2, q2) in zip(h[:-1], h[1:]):
-            steps.append(((q2 - q1) / max(c2 - c1, 1e-12), c2 - c1, q2 - q1))
-    steps.sort(key=lambda s: -s[0])
-    xs, ys = [base_c], [base_q]
-    for _, dc, dq in steps:
-        xs.append(xs[-1] + dc)
-        ys.append(ys[-1] + dq)
-    return upper_hull(np.asarray(xs) / N, np.asarray(ys) / N)
+            slope.append((q2 - q1) / max(c2 - c1, 1e-12))
+            dc.append(c2 - c1)
+            dq.append(q2 - q1)
+            owner.append(i)
+    order = np.argsort(-np.asarray(slope, float), kind="stable")
+    return (cost[start, rows], quality[start, rows], np.asarray(dc, float)[order],
+            np.asarray(dq, float)[order], np.asarray(owner, int)[order])
+
+
+def oracle_chain(steps, weights: np.ndarray) -> np.ndarray:
+    """The oracle's (cost, quality) vertices with each row weighted (1/N each: the mean over the
+    rows; bootstrap counts / N: a resample)."""
+    base_c, base_q, dc, dq, owner = steps
+    w = weights[owner]
+    return np.column_stack([base_c @ weights + np.r_[0.0, np.cumsum(dc * w)],
+                            base_q @ weights + np.r_[0.0, np.cumsum(dq * w)]])
+
+
+def oracle_hull(quality: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Frontier of an oracle that knows every row's outcome at every tier and pays only for the
+    tier it picks (oracle_steps), over the mean cost of the rows."""
+    chain = oracle_chain(oracle_steps(quality, cost), np.ones(quality.shape[1]))
+    return upper_hull(chain[:, 0] / quality.shape[1], chain[:, 1] / quality.shape[1])

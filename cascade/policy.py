@@ -29,8 +29,8 @@ matrix-vector product per (state, action) per lambda.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import zlib
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
@@ -95,6 +95,12 @@ def row_hash(row_ids) -> np.ndarray:
     return np.array([zlib.crc32(b"mix:" + str(r).encode()) for r in row_ids], np.float64) / 2.0 ** 32
 
 
+def mix_pick(mix: tuple[int, int, float], u: np.ndarray) -> np.ndarray:
+    """The tier a fixed-tier mix (a, b, w) sends each row to, from the rows' row_hash."""
+    a, b, w = mix
+    return np.where(u < w, b, a)
+
+
 def decide(state: tuple[int, ...], q: np.ndarray, basis: np.ndarray, point: OperatingPoint,
            n: int, u: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Actions at `state` for a batch: (action, kept) where action -1 = stop else next tier.
@@ -104,11 +110,10 @@ def decide(state: tuple[int, ...], q: np.ndarray, basis: np.ndarray, point: Oper
     """
     rows = len(q)
     if point.mix is not None:
-        a, b, w = point.mix
         if not state:
             if u is None:
                 raise ValueError(f"operating point {point.label!r} is a fixed-tier mix: it needs row ids")
-            return np.where(u < w, b, a), np.full(rows, -1)
+            return mix_pick(point.mix, u), np.full(rows, -1)
         return np.full(rows, -1), np.full(rows, state[-1])
     if state:
         run = list(state)
