@@ -30,7 +30,7 @@ SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
 
 
 def _unit_results(store, files: list[str]) -> pa.RecordBatchReader:
-    """Units' results as one stream (memory-mapped files: no copy until DuckDB reads)."""
+    """Units' results as one stream, each file read when DuckDB asks for its rows."""
     first = store.read_arrow(files[0])
     schema = first.schema.remove_metadata()
 

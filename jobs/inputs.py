@@ -370,9 +370,10 @@ class InputReader:
                          f"{len(dup)} duplicated ids in all)")
 
     def shards(self, size: int):
-        """The input in tables of exactly `size` rows (the last one fewer), in input order."""
+        """The input in tables of exactly `size` rows (the last one fewer), in input order (read
+        in batches of at least 65,536 rows: a Parquet batch has a fixed cost)."""
         buf, n = [], 0
-        for table in self.batches(size):
+        for table in self.batches(max(size, 65536)):
             buf.append(table)
             n += table.num_rows
             while n >= size:

@@ -20,6 +20,7 @@ the files above.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -50,6 +51,7 @@ class Job:
         self.broker = meta.get("broker")
         self.spec = JobSpec.from_dict(meta["spec"])
         self._policy = None
+        self._seen: tuple | None = None
 
     @property
     def policy(self):
@@ -60,6 +62,27 @@ class Job:
     @property
     def n_tiers(self) -> int:
         return len(self.spec.tiers)
+
+    def current(self) -> bool:
+        """Whether the directory still holds this job (a new job may have been submitted over
+        it with --overwrite). On a local directory a stat of job.json says whether it changed
+        since it last held this job; only a change costs a read."""
+        key = None
+        if self.store.local and self.store._pending("job.json") is None:
+            try:
+                st = os.stat(self.store.path("job.json"))
+            except FileNotFoundError:
+                return False
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if key == self._seen:
+                return True
+        try:
+            same = self.store.read_json("job.json")["job_id"] == self.id
+        except FileNotFoundError:
+            return False
+        if same:
+            self._seen = key
+        return same
 
     def finished(self) -> bool:
         return self.store.exists("finished.json")

@@ -16,12 +16,15 @@ metadata, readable from the footer alone. Final results are Parquet.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import logging
 import os
+import sys
 import threading
 import uuid
+from collections import OrderedDict
 
 import fsspec
 import pyarrow as pa
@@ -47,9 +50,18 @@ class WriteBehind:
     not grow with the job: a writer that falls behind slows the caller down. A failed write is
     raised by the next call on the directory. A process killed with writes pending loses them
     as it would lose a unit it was running: nothing it loses was recorded anywhere durable.
+
+    It also remembers what it wrote, for the run it serves: the metadata of every Arrow file
+    (a few hundred bytes each), and the tables of the most recent ones up to TABLES bytes, so
+    that the cut which gathers a just-committed result's escalated rows reads no file and parses
+    no footer. Only files this process wrote in this run are remembered: they are write-once
+    (a write that loses to another writer's file forgets its own), so nothing remembered can go
+    stale while the run lasts.
     """
 
     LIMIT = 64 << 20
+    TABLES = 32 << 20
+    GROUP = 16 << 20
 
     def __init__(self, root: str):
         self.root = root
@@ -57,6 +69,9 @@ class WriteBehind:
         self.queue: list[tuple[str, bytes | pa.Buffer, bool]] = []
         self.bytes = 0
         self.error: BaseException | None = None
+        self.meta: dict[str, dict] = {}
+        self.tables: OrderedDict[str, tuple[pa.Table, int]] = OrderedDict()
+        self.table_bytes = 0
         self.cond = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name=f"write-behind:{root}", daemon=True)
@@ -80,6 +95,35 @@ class WriteBehind:
             self.bytes += len(data)
             self.cond.notify_all()
             return True
+
+    def remember(self, rel: str, table: pa.Table, meta: dict, size: int):
+        """`size`: the file's bytes, which stand for the table's (Table.nbytes walks every
+        buffer of a sliced table: slower than the write)."""
+        with self.cond:
+            self.meta[rel] = meta
+            self.tables[rel] = (table, size)
+            self.table_bytes += size
+            while self.table_bytes > self.TABLES and len(self.tables) > 1:
+                self.table_bytes -= self.tables.popitem(last=False)[1][1]
+
+    def forget(self, rel: str):
+        with self.cond:
+            self.meta.pop(rel, None)
+            if (t := self.tables.pop(rel, None)) is not None:
+                self.table_bytes -= t[1]
+
+    def forget_under(self, prefix: str):
+        """Forget every file at or under `prefix` ("" for all)."""
+        with self.cond:
+            for rel in [r for r in self.meta if not prefix or r == prefix or r.startswith(prefix.rstrip("/") + "/")]:
+                self.meta.pop(rel, None)
+                if (t := self.tables.pop(rel, None)) is not None:
+                    self.table_bytes -= t[1]
+
+    def remembered(self, rel: str) -> tuple[pa.Table | None, dict | None]:
+        with self.cond:
+            t = self.tables.get(rel)
+            return (t[0] if t else None), self.meta.get(rel)
 
     def get(self, rel: str) -> bytes | pa.Buffer | None:
         with self.cond:
@@ -108,11 +152,14 @@ class WriteBehind:
                     self.cond.wait()
                 if not self.queue:
                     return
-                rel, data, once = self.queue[0]
+                group, size = [], 0                 # what is queued now, up to GROUP bytes
+                for item in self.queue:
+                    if group and size + len(item[1]) > self.GROUP:
+                        break
+                    group.append(item)
+                    size += len(item[1])
             try:
-                if not _write_local(f"{self.root}/{rel}", data, once):
-                    log.warning("%s/%s was written by another process first; kept theirs",
-                                self.root, rel)
+                won = _write_local_group(self.root, group)
             except BaseException as exc:           # raised to the caller by its next call
                 with self.cond:
                     self.error = exc
@@ -122,10 +169,17 @@ class WriteBehind:
                     self.cond.notify_all()
                 continue
             with self.cond:
-                self.queue.pop(0)
-                self.bytes -= len(data)
-                if self.pending.get(rel) is data:
-                    del self.pending[rel]
+                for (rel, data, _), ok in zip(group, won):
+                    if not ok:
+                        log.warning("%s/%s was written by another process first; kept theirs",
+                                    self.root, rel)
+                        self.meta.pop(rel, None)
+                        if (t := self.tables.pop(rel, None)) is not None:
+                            self.table_bytes -= t[1]
+                    self.bytes -= len(data)
+                    if self.pending.get(rel) is data:
+                        del self.pending[rel]
+                del self.queue[:len(group)]
                 self.cond.notify_all()
 
 
@@ -146,6 +200,64 @@ def write_behind(root: str):
     finally:
         del _BEHIND[store.root]
         wb.close()
+
+
+def _syncfs():
+    """The filesystem-wide sync of Linux (syncfs(2)), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+_SYNCFS = _syncfs()
+
+
+def _write_local_group(root: str, items: list[tuple[str, bytes, bool]]) -> list[bool]:
+    """Write files under `root` with one sync for all: each to a temporary name, then one
+    syncfs(2) of the filesystem, then each linked (write-once) or renamed into place, in order.
+    Every file's bytes are on disk before any of them is visible, as with a fsync per file, for
+    one journal commit instead of two per file (creating a file waits for the commit a fsync
+    starts: 1-2 ms a file here, against ~0.3 ms grouped). Without syncfs, a fsync per file.
+    Returns, per item, False where a write-once file existed (the other writer's is kept)."""
+    if _SYNCFS is None or len(items) == 1:
+        return [_write_local(f"{root}/{rel}", data, once) for rel, data, once in items]
+    staged = []
+    try:
+        for rel, data, once in items:
+            target = f"{root}/{rel}"
+            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            staged.append((tmp, target, once))
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {root}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        won = []
+        for tmp, target, once in staged:
+            if not once:
+                os.replace(tmp, target)
+                won.append(True)
+                continue
+            try:
+                os.link(tmp, target)
+                won.append(True)
+            except FileExistsError:
+                won.append(False)
+        return won
+    finally:
+        for tmp, _, _ in staged:                  # renamed ones are gone already
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _write_local(target: str, data: bytes, once: bool) -> bool:
@@ -198,7 +310,9 @@ class Store:
         return f"{proto}://{self.path(rel).lstrip('/')}"
 
     def exists(self, rel: str) -> bool:
-        return self._pending(rel) is not None or self.fs.exists(self.path(rel))
+        if self._pending(rel) is not None:
+            return True
+        return os.path.exists(self.path(rel)) if self.local else self.fs.exists(self.path(rel))
 
     def makedirs(self, rel: str = ""):
         self.fs.makedirs(self.path(rel) if rel else self.root, exist_ok=True)
@@ -256,24 +370,35 @@ class Store:
         sink = pa.BufferOutputStream()
         with ipc.new_file(sink, schema) as w:
             w.write_table(table)
-        return self.write_bytes(rel, sink.getvalue(), once=once)
+        data = sink.getvalue()
+        ok = self.write_bytes(rel, data, once=once)
+        if ok and (wb := self.behind) is not None:
+            wb.remember(rel, table, meta or {}, len(data))
+        return ok
 
     def _open_arrow(self, rel: str) -> ipc.RecordBatchFileReader:
         if (data := self._pending(rel)) is not None:
             return ipc.open_file(pa.BufferReader(data))
-        if self.local:     # the reader keeps the map open; buffers read from it keep it alive
-            return ipc.open_file(pa.memory_map(self.path(rel)))
+        if self.local:     # read whole: 2-3x cheaper than a memory map at a unit's size
+            with open(self.path(rel), "rb") as f:
+                return ipc.open_file(pa.py_buffer(f.read()))
         with self.fs.open(self.path(rel), "rb") as f:
             return ipc.open_file(pa.BufferReader(f.read()))
 
     def read_arrow(self, rel: str) -> pa.Table:
+        if (wb := self.behind) is not None and (table := wb.remembered(rel)[0]) is not None:
+            return table
         return self._open_arrow(rel).read_all()
 
     def arrow_meta(self, rel: str) -> dict:
         """The JSON metadata of an Arrow IPC file, from its footer."""
+        if (wb := self.behind) is not None and (meta := wb.remembered(rel)[1]) is not None:
+            return meta
         return json.loads((self._open_arrow(rel).schema.metadata or {}).get(META_KEY, b"{}"))
 
     def remove(self, rel: str):
         self.flush()
+        if (wb := self.behind) is not None:
+            wb.forget_under(rel)
         if self.exists(rel):
             self.fs.rm(self.path(rel), recursive=True)

@@ -346,7 +346,7 @@ def run_unit(job_dir: str, unit_id: str, *, state=None, engine_factory=None, dis
                     table = execute(job, unit, None, fail_reason=(
                         f"tier {job.spec.tiers[tier].name} failed {unit['attempts']} times: {err}"))
             failpoints.hit("before_result_write")
-            if job.store.read_json("job.json")["job_id"] != job.id:
+            if not job.current():
                 return "stale"            # the directory was overwritten with a new job meanwhile
             targets = write_result(job, unit_id, tier, table)
             failpoints.hit("after_result_write")

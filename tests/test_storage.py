@@ -13,13 +13,13 @@ from jobs.storage import Store, write_behind
 
 def test_reads_see_pending_writes_and_everything_lands_in_order(tmp_path, monkeypatch):
     landed = []
-    real = storage._write_local
+    real = storage._write_local_group
 
-    def recording(target, data, once):
-        landed.append(os.path.relpath(target, tmp_path))
-        return real(target, data, once)
+    def recording(root, items):
+        landed.extend(rel for rel, _, _ in items)
+        return real(root, items)
 
-    monkeypatch.setattr(storage, "_write_local", recording)
+    monkeypatch.setattr(storage, "_write_local_group", recording)
     table = pa.table({"x": list(range(10))})
     with write_behind(str(tmp_path)):
         a, b = Store(str(tmp_path)), Store(str(tmp_path))          # two Stores, one directory
@@ -37,11 +37,25 @@ def test_reads_see_pending_writes_and_everything_lands_in_order(tmp_path, monkey
     assert not [p for p in os.listdir(tmp_path / "tiers" / "0") if ".tmp-" in p]
 
 
+def test_a_group_write_keeps_an_existing_write_once_file_and_leaves_no_temporary(tmp_path):
+    (tmp_path / "tiers").mkdir()
+    (tmp_path / "tiers" / "b.arrow").write_bytes(b"theirs")
+    won = storage._write_local_group(str(tmp_path), [("tiers/a.arrow", b"a", True),
+                                                     ("tiers/b.arrow", b"mine", True),
+                                                     ("status.json", b"{}", False),
+                                                     ("status.json", b"{1}", False)])
+    assert won == [True, False, True, True]
+    assert (tmp_path / "tiers" / "b.arrow").read_bytes() == b"theirs"
+    assert (tmp_path / "tiers" / "a.arrow").read_bytes() == b"a"
+    assert (tmp_path / "status.json").read_bytes() == b"{1}"            # the later write wins
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
 def test_a_failed_background_write_is_raised_by_the_next_call(tmp_path, monkeypatch):
-    def broken(target, data, once):
+    def broken(root, items):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage, "_write_local", broken)
+    monkeypatch.setattr(storage, "_write_local_group", broken)
     with pytest.raises(OSError, match="background write failed.*No space left"):
         with write_behind(str(tmp_path)):
             s = Store(str(tmp_path))
