@@ -87,9 +87,9 @@ def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
     col = table.column("prompt")
     prompts = col.to_pylist()
     errors: list[str | None] = [None] * len(prompts)
-    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True).to_numpy(zero_copy_only=False)
-    if not blank.any():                       # the common case: every row has a prompt
+    if col.null_count == 0 and all(map(str.strip, prompts)):   # the common case: all have text
         return prompts, errors
+    blank = np.array([p is None or not p.strip() for p in prompts], dtype=bool)
     messages = table.column("messages").to_pylist() if "messages" in table.column_names else None
     for i in np.flatnonzero(blank):
         p = None
@@ -204,35 +204,44 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
 
     # This tier's answers, column-wise; rows that did not run keep zeros and nulls.
     idx = np.asarray(ok, dtype=np.int64)
-    is_ok = np.zeros(n, dtype=bool)
+    every = len(ok) == n                      # the common case: every row ran
+    is_ok = np.ones(n, dtype=bool) if every else np.zeros(n, dtype=bool)
     is_ok[idx] = True
-    response, finish = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
-    response[idx] = [g.text for g in gens]
-    finish[idx] = [g.finish_reason for g in gens]
+    texts = [g.text for g in gens]
+    response = pa.array(texts, pa.string())
+    finish = pa.array([g.finish_reason for g in gens], pa.string())
+    if not every:                             # spread over all rows, nulls where none ran
+        spread = pa.array(np.where(is_ok, np.cumsum(is_ok) - 1, -1), pa.int64(), mask=~is_ok)
+        response, finish = response.take(spread), finish.take(spread)
     ptok, otok = np.zeros(n, np.int32), np.zeros(n, np.int32)
     ptok[idx] = [g.prompt_tokens for g in gens]
     otok[idx] = [len(g.token_logprobs) for g in gens]
     feats = {f: np.zeros(n) for f in FEATURES}
     choice = {f: np.full(n, np.nan) for f in CHOICE_FEATURES}
+    with_choices = any(c is not None for c in row_choices)
     if ok:
         for f, v in token_features(gens).items():
             feats[f][idx] = v
-        for f in CHOICE_FEATURES:
-            choice[f][idx] = [np.nan if getattr(g, f) is None else getattr(g, f) for g in gens]
+        if with_choices:
+            for f in CHOICE_FEATURES:
+                choice[f][idx] = [np.nan if getattr(g, f) is None else getattr(g, f) for g in gens]
     cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
     seconds = np.where(is_ok, per_row, 0.0)
 
     # Decisions on the rows that answered; an error on this tier ends the row, keeping the
     # answer of the tier it came from, if any. Decision codes: -1 error, 0 stop, k escalate:k.
     next_tier = np.full(n, -1, dtype=np.int64)
-    kept = table.column("kept_tier").fill_null(-1).to_numpy().astype(np.int64)
+    kept_col = table.column("kept_tier")
+    kept = (np.full(n, -1, np.int64) if kept_col.null_count == n
+            else kept_col.fill_null(-1).to_numpy().astype(np.int64))
     p_quality = np.full(n, np.nan)
     audit = np.zeros(n, dtype=bool)
     if ok:
         current = {f: feats[f][idx] for f in FEATURES}
-        current.update({f: np.nan_to_num(choice[f][idx]) for f in CHOICE_FEATURES})   # absent: 0
-        current.update(response=list(response[idx]), cost=cost[idx])
-        rows = table if len(ok) == n else table.take(pa.array(idx))
+        current.update({f: np.nan_to_num(choice[f][idx]) if with_choices else np.zeros(len(idx))
+                        for f in CHOICE_FEATURES})                                   # absent: 0
+        current.update(response=texts, cost=cost[idx])
+        rows = table if every else table.take(pa.array(idx))
         nxt, keep, q = job.policy.decide(tier, rows, current)
         if spec.audit_share > 0 and tier < len(spec.tiers) - 1:
             ids = table.column("id").to_pylist()
@@ -243,16 +252,16 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         if q is not None:
             p_quality[idx] = q
     code = np.where(is_ok, np.maximum(next_tier, 0), -1)
-    labels = np.array(["error", "stop"] + [f"escalate:{k}" for k in range(1, len(spec.tiers))],
-                      dtype=object)
+    labels = pa.array(["error", "stop"] + [f"escalate:{k}" for k in range(1, len(spec.tiers))])
+    no_error = errors.count(None) == n
     rec = pa.StructArray.from_arrays([
-        pa.array(np.full(n, tier, np.int32)), pa.array(np.full(n, ts.name, dtype=object), pa.string()),
-        pa.array(np.where(is_ok, "ok", "error").astype(object), pa.string()),
-        pa.array(errors, pa.string()), pa.array(response, pa.string()),
-        pa.array(finish, pa.string()), pa.array(ptok), pa.array(otok),
+        pa.array(np.full(n, tier, np.int32)), pa.repeat(ts.name, n).cast(pa.string()),
+        pa.array(["error", "ok"]).take(pa.array(is_ok.astype(np.int8))),
+        pa.nulls(n, pa.string()) if no_error else pa.array(errors, pa.string()), response,
+        finish, pa.array(ptok), pa.array(otok),
         pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
         pa.array(feats["min_logprob"]), pa.array(p_quality, mask=np.isnan(p_quality)),
-        pa.array(labels[code + 1], pa.string()), pa.array(audit),
+        labels.take(pa.array(code + 1)), pa.array(audit),
         pa.array(seconds), pa.array(cost),
         *(pa.array(choice[f], mask=np.isnan(choice[f])) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
     cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
@@ -261,11 +270,17 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     cols["kept_tier"] = pa.array(kept, pa.int32(), mask=kept < 0)
     cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
     cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + seconds)
-    kept_response = np.asarray(table.column("_response").to_pylist(), dtype=object)
-    kept_response[is_ok & (kept == tier)] = response[is_ok & (kept == tier)]
-    for i in np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier)):
-        kept_response[i] = next(x["response"] for x in trace[int(i)].as_py() if x["tier"] == kept[i])
-    cols["_response"] = pa.array(kept_response, pa.string())
+    # The answer each row keeps: this tier's where it keeps this tier's; an earlier tier's
+    # where it stops here keeping that one (looked up in its lineage: rare); else unchanged.
+    mine = is_ok & (kept == tier)
+    kept_response = pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks())
+    earlier = np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier))
+    if len(earlier):
+        kept_response = kept_response.to_numpy(zero_copy_only=False).astype(object)
+        for i in earlier:
+            kept_response[i] = next(x["response"] for x in trace[int(i)].as_py() if x["tier"] == kept[i])
+        kept_response = pa.array(kept_response, pa.string())
+    cols["_response"] = kept_response
     cols["_status"] = rec.field("status")
     cols["_error"] = rec.field("error")
     return pa.table(cols)
