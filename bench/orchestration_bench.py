@@ -3,7 +3,9 @@ test-double engine on the embedded executor, at the spec's default shard_rows 25
 per-row features and decisions, write-once commits, state transitions, coalescing, finalize.
 Prints rows/s, the seconds in finalize, peak RSS, and the bytes of job state written per unit
 (everything the job writes except its final results/): constant per unit means the job's
-coordination cost does not grow with the job.
+coordination cost does not grow with the job. Also the main thread's CPU seconds and the
+background writer's (jobs.storage.WriteBehind) busy seconds, files per sync, and how long units
+waited for it: which of the two bounds the run.
 
     .venv/bin/python bench/orchestration_bench.py [--rows 100000] [--shard 256]
     .venv/bin/python bench/orchestration_bench.py --rows 100000 --rows 1000000   # both, compared
@@ -41,7 +43,7 @@ def make_input(rows: int) -> Path:
 
 
 def one(work: Path, rows: int, shard: int) -> dict:
-    from jobs import finalize
+    from jobs import finalize, storage
     from jobs.executor import run_embedded
     from jobs.spec import parse_spec
     from tests.doubles import scripted_factory
@@ -63,9 +65,17 @@ def one(work: Path, rows: int, shard: int) -> dict:
             spent["finalize"] += time.perf_counter() - t
 
     finalize.write_results = timed
-    t0 = time.perf_counter()
+    writer = {}
+    close = storage.WriteBehind.close
+
+    def closing(wb):                     # the background writer's own counters, at its end
+        close(wb)
+        writer.update(wb.stats)
+
+    storage.WriteBehind.close = closing
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     job = run_embedded(spec, engine_factory=scripted_factory())
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     state_bytes, units = 0, 0
     for sub in ("routed", "work", "tiers"):
         for p in (work / "job" / sub).rglob("*.arrow"):
@@ -79,7 +89,10 @@ def one(work: Path, rows: int, shard: int) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "state_bytes_per_unit": round(state_bytes / units),
             "state_bytes_per_row": round(state_bytes / rows, 1),
-            "rows_per_tier": [t["rows_done"] for t in status["tiers"]], "job": job.id}
+            "rows_per_tier": [t["rows_done"] for t in status["tiers"]], "job": job.id,
+            "main_cpu_s": round(cpu, 2), "writer_busy_s": round(writer["busy_s"], 2),
+            "writer_waited_s": round(writer["waited_s"], 2),
+            "files_per_group": round(writer["files"] / max(writer["groups"], 1), 2)}
 
 
 def profile(rows: int, shard: int):
@@ -99,7 +112,7 @@ def profile(rows: int, shard: int):
         ("jobs/units.py", "run_unit"): "units, all of it",
         ("jobs/units.py", "execute"): "  execute (read, checks, engine, features, decisions, lineage)",
         ("tests/doubles.py", "generate"): "    the scripted engine double's generate",
-        ("jobs/units.py", "write_result"): "  write_result (Arrow IPC, fsync, link)",
+        ("jobs/units.py", "write_result"): "  write_result (Arrow IPC, handed to the writer)",
         ("jobs/coalesce.py", "materialize"): "  materialize cut units (read sources, write)",
         ("jobs/storage.py", "read_arrow"): "  every Arrow IPC read",
         ("jobs/job.py", "submit"): "submit (read and check input, write shards)",
@@ -110,13 +123,11 @@ def profile(rows: int, shard: int):
         for (suffix, name), label in stages.items():
             if file.endswith(suffix) and func == name:
                 found[label] = found.get(label, 0.0) + cum
-    fsync = sum(v[3] for k, v in st.stats.items() if k[2] == "<built-in method posix.fsync>")
     units = r["units"]
     print(f"{rows:,} rows, {units:,} units, profiled total {r['seconds']:.1f} s:")
     for label in stages.values():
         if label in found:
             print(f"  {label:<66} {found[label]:6.2f} s  {1e3 * found[label] / units:6.2f} ms/unit")
-    print(f"  {'  os.fsync (every durable write)':<66} {fsync:6.2f} s  {1e3 * fsync / units:6.2f} ms/unit")
 
 
 def main():
@@ -148,7 +159,9 @@ def main():
         print(f"{r['rows']:>9,} rows, shard {r['shard']}, {r['units']:,} units: {r['seconds']:.1f} s "
               f"= {r['rows_per_s']:,} rows/s ({r['us_per_row']} us/row), finalize {r['finalize_s']} s, "
               f"peak RSS {r['peak_rss_mib']} MiB, job state written {r['state_bytes_per_unit']:,} "
-              f"bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}")
+              f"bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}; "
+              f"main thread CPU {r['main_cpu_s']} s; background writer busy {r['writer_busy_s']} s "
+              f"({r['files_per_group']} files per sync), units waited {r['writer_waited_s']} s for it")
     if len(results) > 1:
         a, b = results[0], results[-1]
         print(f"per-row time {b['rows']:,} vs {a['rows']:,}: {b['us_per_row'] / a['us_per_row']:.2f}x; "

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 
@@ -69,6 +70,7 @@ class WriteBehind:
         self.queue: list[tuple[str, bytes | pa.Buffer, bool]] = []
         self.bytes = 0
         self.error: BaseException | None = None
+        self.stats = {"files": 0, "groups": 0, "busy_s": 0.0, "waited_s": 0.0}
         self.meta: dict[str, dict] = {}
         self.tables: OrderedDict[str, tuple[pa.Table, int]] = OrderedDict()
         self.table_bytes = 0
@@ -87,8 +89,11 @@ class WriteBehind:
             self.check()
             if once and (rel in self.pending or os.path.exists(f"{self.root}/{rel}")):
                 return False
-            while self.bytes > self.LIMIT and self.error is None:
-                self.cond.wait()
+            if self.bytes > self.LIMIT:
+                t0 = time.perf_counter()
+                while self.bytes > self.LIMIT and self.error is None:
+                    self.cond.wait()
+                self.stats["waited_s"] += time.perf_counter() - t0
             self.check()
             self.pending[rel] = data
             self.queue.append((rel, data, once))
@@ -158,6 +163,7 @@ class WriteBehind:
                         break
                     group.append(item)
                     size += len(item[1])
+            t0 = time.perf_counter()
             try:
                 won = _write_local_group(self.root, group)
             except BaseException as exc:           # raised to the caller by its next call
@@ -169,6 +175,9 @@ class WriteBehind:
                     self.cond.notify_all()
                 continue
             with self.cond:
+                self.stats["busy_s"] += time.perf_counter() - t0
+                self.stats["files"] += len(group)
+                self.stats["groups"] += 1
                 for (rel, data, _), ok in zip(group, won):
                     if not ok:
                         log.warning("%s/%s was written by another process first; kept theirs",
