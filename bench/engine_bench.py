@@ -1,7 +1,11 @@
 """Engine speed with and without shared-prefix reuse, in one run: each demo tier answers the same
 demo rows in the job's unit size, once with prefix reuse (the default) and once with it off
 (every prompt prefilled in full, left padding); rows/s of each, and whether the answers and
-log-probabilities are the same.
+log-probabilities are the same. Then the same for the demo's choices (`choose`): the engine
+(the shared prefix once per engine, each row's prompt once, its cache scoring every choice)
+against full sequences (every prompt + choice prefilled in full, one left-padded forward per
+unit: the way to score choices without reuse), and against free generation with full prefill
+(the demo job's engine work before any reuse).
 
     .venv/bin/python bench/engine_bench.py [--rows 200] [--unit 50]
 """
@@ -20,6 +24,44 @@ def timed_generate(engine, prompts, sampling, unit):
     t0 = time.perf_counter()
     gens = [g for i in range(0, len(prompts), unit) for g in engine.generate(prompts[i:i + unit], sampling)]
     return gens, time.perf_counter() - t0
+
+
+def timed_choose(engine, prompts, choices, unit):
+    t0 = time.perf_counter()
+    gens = [g for i in range(0, len(prompts), unit)
+            for g in engine.choose(prompts[i:i + unit], [choices] * len(prompts[i:i + unit]))]
+    return gens, time.perf_counter() - t0
+
+
+def full_sequences(engine, prompts, choices, unit):
+    """Every choice scored after every prompt by one left-padded forward over the full
+    sequences of a unit (no reuse); returns (answers, log-probabilities of each, seconds)."""
+    import torch
+
+    from workers.engines.base import choice_text
+
+    tok, out, t0 = engine.tokenizer, [], time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), unit):
+            seqs, widths = [], []
+            for prompt in prompts[i:i + unit]:
+                ids = tok(prompt)["input_ids"]
+                for c in choices:
+                    c_ids = tok(choice_text(prompt, c), add_special_tokens=False)["input_ids"]
+                    seqs.append(ids + c_ids)
+                    widths.append(len(c_ids))
+            enc = tok.pad({"input_ids": seqs}, return_tensors="pt", padding=True)
+            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            keep = max(widths) + 1
+            logits = engine.model(**enc, position_ids=pos, logits_to_keep=keep).logits.float()
+            logp = logits - torch.logsumexp(logits, -1, keepdim=True)
+            lps = [logp[j, keep - 1 - w:keep - 1].gather(-1, enc["input_ids"][j, -w:, None]).squeeze(-1).tolist()
+                   for j, w in enumerate(widths)]
+            for r in range(len(seqs) // len(choices)):
+                row = lps[r * len(choices):(r + 1) * len(choices)]
+                best = max(range(len(choices)), key=lambda k: sum(row[k]))
+                out.append((choices[best], row[best]))
+    return out, time.perf_counter() - t0
 
 
 def main():
@@ -54,6 +96,18 @@ def main():
               f"tokens per prompt; full prefill {len(prompts) / tb:.2f} rows/s, prefix reuse "
               f"{len(prompts) / ta:.2f} rows/s: {tb / ta:.2f}x; answers identical: "
               f"{'yes' if same_text else 'NO'}, largest log-probability difference {worst:.1e}")
+        choices = list(tier.choices or spec.choices or [])
+        if not choices:
+            continue
+        engines["reuse"].choose(prompts[:4], [choices] * 4)
+        c, tc = timed_choose(engines["reuse"], prompts, choices, args.unit)
+        f, tf = full_sequences(engines["reuse"], prompts, choices, args.unit)
+        same = all(x.text == a for x, (a, _) in zip(c, f))
+        worst = max(abs(p - q) for x, (_, lp) in zip(c, f) for p, q in zip(x.token_logprobs, lp))
+        print(f"{tier.name} choices {choices}: full sequences {len(prompts) / tf:.2f} rows/s, engine "
+              f"{len(prompts) / tc:.2f} rows/s: {tf / tc:.2f}x; {tb / tc:.2f}x the rows/s of free generation "
+              f"with full prefill; answers identical: {'yes' if same else 'NO'}, largest "
+              f"log-probability difference {worst:.1e}")
 
 
 if __name__ == "__main__":

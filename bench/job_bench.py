@@ -3,9 +3,12 @@
 ratio: `model.generate`, or for the demo's choices one full forward scoring every choice), cold and cached model loads, and the demo's quality and cost against running
 every row on the last tier (measured here by running every row on it with plain generate).
 
-    .venv/bin/python bench/job_bench.py [--rows 200] [--cold]
+    .venv/bin/python bench/job_bench.py [--rows 200] [--cold] [--before]
 
 --cold also measures the first load of each GGUF model (de-quantization into a fresh cache).
+--before also runs the same rows as the demo job was before the engine work: free generation
+(no choices; a first_logprob rule) with every prompt prefilled in full (prefix_reuse: false),
+and prints each tier's rows/s in both jobs, in one run.
 """
 
 from __future__ import annotations
@@ -80,10 +83,43 @@ def plain_choose(tok, model, batches: list[list[str]], choices: list[str]):
     return answers, time.perf_counter() - t0
 
 
+def before_job(work: Path, now: list[dict]) -> list[dict]:
+    """The demo as it ran before the engine work, on the same rows: free generation (the spec
+    without choices, a first_logprob rule), every prompt prefilled in full. Per tier: its
+    rows/s, and the demo's rows/s now as a multiple of it."""
+    import yaml
+
+    from jobs.executor import LocalExecutor
+    from jobs.job import submit
+    from jobs.spec import parse_spec
+
+    raw = yaml.safe_load((ROOT / "examples/demo/job.yaml").read_text())
+    raw.pop("choices", None)
+    raw.update(input=str(work / "in.parquet"), output=str(work / "job-before"),
+               policy={"rule": {"feature": "first_logprob", "threshold": -0.5}})
+    for t in raw["tiers"]:
+        t["engine_args"] = {**t.get("engine_args", {}), "prefix_reuse": False}
+    spec = parse_spec(raw, base_dir=ROOT)
+    ex = LocalExecutor()
+    submit(spec, state=ex.state, dispatch=ex.dispatch, overwrite=True)
+    ex.drain()
+    wall = {t["unit"]: t["seconds"] for t in ex.timings if t["state"] == "done"}
+    out = []
+    for i, t in enumerate(spec.tiers):
+        us = [u for u in ex.state.units.values() if u["tier"] == i]
+        rows, secs = sum(u["rows"] for u in us), sum(wall[u["id"]] for u in us)
+        rps = rows / secs if secs else None
+        out.append({"tier": t.name, "rows": rows, "rows_per_s": rps,
+                    "now_over_before": now[i]["rows_per_s"] / rps if rps and now[i]["rows_per_s"] else None})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--before", action="store_true",
+                    help="also run the demo as it was before the engine work, same rows")
     args = ap.parse_args()
 
     import polars as pl
@@ -186,6 +222,10 @@ def main():
                 "cost_measured": sum(last.cost.per_input_token * g.prompt_tokens
                                      + last.cost.per_output_token * g.output_tokens for g in gens)}
 
+    before = None
+    if args.before:
+        before = before_job(work, per_tier)
+
     q = {r[2] if r[0] == "overall" else f"tier{r[1]}": r[5] for r in res["quality"][1]}
     cost = dict(zip(*[res["cost"][0], res["cost"][1][0]]))
     summary = {"rows": len(out), "end_to_end_s": e2e, "end_to_end_rows_per_s": len(out) / e2e,
@@ -193,6 +233,8 @@ def main():
                "every_row_on_last_tier": all_last,
                "quality": q, "cost": cost,
                "selection": {r[1]: r[2] for r in res["selection"][1]}}
+    if before is not None:
+        summary["before_engine_work"] = before
     print(json.dumps(summary, indent=1, default=float))
 
 

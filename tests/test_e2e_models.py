@@ -181,3 +181,23 @@ def test_shared_prefix_reuse_gives_the_same_answers_and_logprobs(model):
                for x in c)
     same = [(x, g) for x, g in zip(c, a) if g.text.strip() == x.text and len(x.token_logprobs) == 1]
     assert same and all(x.token_logprobs[0] == pytest.approx(g.token_logprobs[0], abs=1e-4) for x, g in same)
+    # Choices of several tokens (scored past the row's cache) and rows with different choices:
+    # each choice's log-probabilities equal one unpadded forward pass over prompt + choice.
+    import torch
+
+    from workers.engines.base import choice_text
+
+    mixed = [["very positive", "negative sentiment overall", "so-so"], ["positive", "negative"]] * 3
+    for engine in (reuse, plain):
+        got = engine.choose(prompts[:6], mixed)
+        for prompt, cs, g in zip(prompts[:6], mixed, got):
+            assert g.text in cs
+            ids = engine.tokenizer(prompt)["input_ids"]
+            want = {}
+            with torch.inference_mode():
+                for ch in cs:
+                    cid = engine.tokenizer(choice_text(prompt, ch), add_special_tokens=False)["input_ids"]
+                    lp = engine.model(torch.tensor([ids + cid])).logits[0].float().log_softmax(-1)
+                    want[ch] = [lp[len(ids) - 1 + j, t].item() for j, t in enumerate(cid)]
+            assert g.text == max(cs, key=lambda ch: sum(want[ch]))
+            assert g.token_logprobs == pytest.approx(want[g.text], abs=1e-4)

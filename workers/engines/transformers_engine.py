@@ -8,7 +8,12 @@ own suffix (masked out, positions counted over real tokens only), so every row c
 would alone. Generation stops as soon as every row has stopped (EOS or a stop string).
 `engine_args: {prefix_reuse: false}` turns reuse off; prefixes shorter than `min_prefix` tokens
 (default 16) are not worth it and use plain left padding; rows run in length-sorted groups of
-about `prefix_batch` (default 24), which keeps the padding between prefix and suffix small."""
+about `prefix_batch` (default 24), which keeps the padding between prefix and suffix small. The
+last prefix's cache is kept for the next call (a job's units usually share it).
+
+Choices (`choose`) reuse at two levels: the shared prefix once per call, then each row's prompt
+once however many choices it has (its cache scores every choice's first token; only the later
+tokens of longer choices run again, from that cache)."""
 
 from __future__ import annotations
 
@@ -83,6 +88,7 @@ class TransformersEngine(Engine):
         self.min_prefix = int(tier.engine_args.get("min_prefix", 16))
         self.reuse_rows = int(tier.engine_args.get("prefix_batch", 24))
         self._stops: dict = {}
+        self._prefix: tuple | None = None              # (prefix token ids, its KV cache)
         forward = inspect.signature(self.model.forward).parameters
         self.cache_kw = "cache" if "cache" in forward else "past_key_values"   # transformers 5 renamed it
         self.load_seconds = time.perf_counter() - t0
@@ -126,7 +132,7 @@ class TransformersEngine(Engine):
         out: list = [None] * len(ids)
         for g in range(groups):
             rows = order[g * len(ids) // groups:(g + 1) * len(ids) // groups]
-            enc = self._with_prefix_cache([ids[b] for b in rows], shared, cache, last=g == groups - 1)
+            enc = self._with_prefix_cache([ids[b] for b in rows], shared, cache)
             for b, gen in zip(rows, self._run(enc, [len(ids[b]) for b in rows], sampling)):
                 out[b] = gen
         return out
@@ -147,54 +153,84 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def choose(self, prompts, choices):
-        """Score every choice's full token sequence after its prompt (one forward pass per batch
-        of sequences, left-padded, positions counted over real tokens, logits kept only for the
-        choice tokens) and answer the most likely. A choice follows the prompt after one space
-        unless the prompt ends in whitespace."""
+        """Score every choice's full token sequence after its prompt and answer the most likely.
+        A choice follows the prompt after one space unless the prompt ends in whitespace.
+
+        Each prompt runs once, however many choices it has: the rows' shared prefix once for the
+        call (as in generate), each row's own suffix once in groups of rows, keeping its KV
+        cache and the logits of its last token, which score every choice's first token. Only
+        choices of two or more tokens run further: their tokens but the last, from a copy of
+        their row's cache, one batch for the group. Positions count real tokens only, so every
+        score is what the row would get alone."""
         tok = self.tokenizer
         prompt_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        seqs, width = [], []
-        for prompt, ids, cs in zip(prompts, prompt_ids, choices):
-            for c in cs:
-                c_ids = tok(choice_text(prompt, c), add_special_tokens=False)["input_ids"]
-                seqs.append(ids + c_ids)
-                width.append(len(c_ids))
-        scores: list = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        shared = shared_prefix(seqs) if self.prefix_reuse and len(seqs) > 1 else 0
+        cids = [[tok(choice_text(p, c), add_special_tokens=False)["input_ids"] for c in cs]
+                for p, cs in zip(prompts, choices)]
+        shared = shared_prefix(prompt_ids) if self.prefix_reuse and len(prompt_ids) > 1 else 0
         shared = shared if shared >= self.min_prefix else 0
-        cache = self._prefix_cache(seqs[0][:shared]) if shared else None   # once, as in generate
+        cache = self._prefix_cache(prompt_ids[0][:shared]) if shared else None
+        order = sorted(range(len(prompt_ids)), key=lambda b: len(prompt_ids[b]))
         step = self.micro_batch or (self.reuse_rows if shared else 32)
+        scores: list = [None] * len(prompt_ids)
         for k in range(0, len(order), step):
             part = order[k:k + step]
-            keep = max(width[i] for i in part) + 1
+            ids = [prompt_ids[b] for b in part]
             if shared:
-                enc = self._with_prefix_cache([seqs[i] for i in part], shared, cache,
-                                              last=k + step >= len(order))
-                mask = enc["attention_mask"]
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=enc["input_ids"][:, shared:], attention_mask=mask,
-                                    position_ids=positions[:, shared:], logits_to_keep=keep,
-                                    **{self.cache_kw: enc[self.cache_kw]}).logits.float()
+                enc = self._with_prefix_cache(ids, shared, cache)
             else:
-                enc = tok.pad({"input_ids": [seqs[i] for i in part]}, return_tensors="pt",
-                              padding=True).to(self.device)
-                positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(**enc, position_ids=positions, logits_to_keep=keep).logits.float()
-            # log-probability of each choice token = its logit - logsumexp over the vocabulary:
-            # no (rows, positions, vocabulary) log_softmax tensor is materialised
-            norm = torch.logsumexp(logits, dim=-1)
-            for b, i in enumerate(part):
-                n = width[i]
-                target = torch.tensor(seqs[i][-n:], device=self.device).unsqueeze(-1)
-                rows = slice(keep - 1 - n, keep - 1)
-                scores[i] = (logits[b, rows].gather(-1, target).squeeze(-1) - norm[b, rows]).tolist()
-        return chosen_each([len(x) for x in prompt_ids], choices, scores)
+                enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(self.device)
+                enc[self.cache_kw] = None
+            mask = enc["attention_mask"]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=enc["input_ids"][:, shared:], attention_mask=mask,
+                             position_ids=positions[:, shared:], logits_to_keep=1, use_cache=True,
+                             **{self.cache_kw: enc[self.cache_kw]})
+            # log-probability of a token = its logit - logsumexp over the vocabulary: no
+            # (rows, vocabulary) log_softmax tensor is materialised
+            last = out.logits[:, -1].float()
+            first = last - torch.logsumexp(last, dim=-1, keepdim=True)
+            for j, b in enumerate(part):
+                scores[b] = [[first[j, c[0]].item()] for c in cids[b]]
+            longer = [(j, b, i) for j, b in enumerate(part) for i, c in enumerate(cids[b]) if len(c) > 1]
+            if longer:
+                self._score_rest(out, mask, [len(x) for x in ids], longer, cids, scores)
+        flat = [lp for row in scores for lp in row]
+        return chosen_each([len(x) for x in prompt_ids], choices, flat)
+
+    def _score_rest(self, out, mask, lengths: list[int], longer: list[tuple], cids, scores):
+        """The second and later tokens of the choices in `longer` ((row in group, row, choice)):
+        each choice's tokens but its last run from its row's cache (rows repeated as needed,
+        the choices right-padded: padding after a token never changes that token's logits)."""
+        cache = getattr(out, self.cache_kw)
+        cache.batch_select_indices(torch.tensor([j for j, _, _ in longer], device=self.device))
+        width = max(len(cids[b][i]) for _, b, i in longer) - 1
+        pad = self.tokenizer.pad_token_id
+        inp = torch.full((len(longer), width), pad, dtype=torch.long)
+        more = torch.zeros((len(longer), width), dtype=torch.long)
+        for p, (_, b, i) in enumerate(longer):
+            c = cids[b][i][:-1]
+            inp[p, :len(c)], more[p, :len(c)] = torch.tensor(c), 1
+        rows = torch.tensor([j for j, _, _ in longer])
+        start = torch.tensor([lengths[j] for j, _, _ in longer]).unsqueeze(-1)
+        logits = self.model(input_ids=inp.to(self.device),
+                            attention_mask=torch.cat([mask[rows], more.to(self.device)], dim=1),
+                            position_ids=(start + torch.arange(width)).to(self.device),
+                            **{self.cache_kw: cache}).logits.float()
+        norm = torch.logsumexp(logits, dim=-1)
+        for p, (_, b, i) in enumerate(longer):
+            c = cids[b][i]
+            target = torch.tensor(c[1:], device=self.device).unsqueeze(-1)
+            n = len(c) - 1
+            scores[b][i].extend((logits[p, :n].gather(-1, target).squeeze(-1) - norm[p, :n]).tolist())
 
     def _prefix_cache(self, prefix: list[int]):
-        """The KV cache of a token prefix, computed once (logits only for its last token)."""
-        out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
-        return getattr(out, self.cache_kw)
+        """The KV cache of a token prefix (logits only for its last token), kept for the next
+        call: the units of a job usually share one prefix, which then runs once per engine."""
+        key = tuple(prefix)
+        if self._prefix is None or self._prefix[0] != key:
+            out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
+            self._prefix = (key, getattr(out, self.cache_kw))
+        return self._prefix[1]
 
     def _stop_criteria(self, stop: tuple[str, ...]):
         """The stop-string criterion, built once per engine and stop list: building it walks the
@@ -206,10 +242,9 @@ class TransformersEngine(Engine):
             self._stops[stop] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
         return self._stops[stop]
 
-    def _with_prefix_cache(self, ids: list[list[int]], shared: int, cache, last: bool) -> dict:
+    def _with_prefix_cache(self, ids: list[list[int]], shared: int, cache) -> dict:
         """generate() inputs for rows that share their first `shared` tokens: a copy of the
-        prefix's KV cache repeated per row (the cache itself for the `last` group), and each
-        row as prefix, padding, suffix."""
+        prefix's KV cache repeated per row, and each row as prefix, padding, suffix."""
         pad = self.tokenizer.pad_token_id
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -218,7 +253,7 @@ class TransformersEngine(Engine):
             input_ids[b, :shared], mask[b, :shared] = torch.tensor(x[:shared]), 1
             rest = x[shared:]
             input_ids[b, width - len(rest):], mask[b, width - len(rest):] = torch.tensor(rest), 1
-        cache = cache if last else copy.deepcopy(cache)
+        cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(len(ids))
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
                 self.cache_kw: cache}
