@@ -8,7 +8,8 @@ Columns: gain over the fixed-tier hull (relative to the oracle) with its 95% boo
 cost at 99% of the best tier's quality (fraction of its cost) for the policy (with interval), the
 fixed-tier mix, the FrugalGPT-style cascade and the oracle; the default point's cost and quality
 against the best tier; how many cascade points fell back to a fixed-tier mix; the predictors
-chosen per (state, tier); with --online, the regret slope of online learning.
+chosen per (state, tier); with --online, the regret slope of online learning. --models sets the
+predictor candidates (as `calibrate --models`), e.g. to add the boosted trees.
 """
 
 import argparse
@@ -29,9 +30,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("logs", nargs="*")
     ap.add_argument("--online", action="store_true")
+    ap.add_argument("--models", help="predictor candidates (calibrate --models), e.g. "
+                                     "prior,monotone,linear,gbt,mlp; default: calibrate's")
     args = ap.parse_args()
     from cascade.evaluate import evaluate
     from cascade.ladder import load_ladder
+    from cascade.predictor import TrainConfig
 
     def f(x):
         return "never" if x == float("inf") else f"{x:.3f}"
@@ -44,7 +48,8 @@ def main():
             print(f"skipped {path}: not found", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        s = evaluate(load_ladder(path, require_quality=True), online=args.online).summary
+        cfg = TrainConfig(models=tuple(args.models.split(","))) if args.models else None
+        s = evaluate(load_ladder(path, require_quality=True), online=args.online, cfg=cfg).summary
         b, c = s["bootstrap"], s["cost_at_99pct_of_best_quality"]
         d = s["default_point_test"]
         kinds = Counter(m["model"].split(":")[0] for m in s["model_choice"])

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from cascade.errors import PolicyArtifactError
 from cascade.features import StateFeaturizer
 from cascade.policy import OperatingPoint
-from cascade.predictor import QualityMLP, StatePredictor, TrainConfig
+from cascade.predictor import QualityMLP, StatePredictor, TrainConfig, TreeHead
 
 FORMAT = "cascade-policy"
 FORMAT_VERSION = 1
@@ -45,6 +45,11 @@ def save_policy(policy, out_dir: str | Path) -> Path:
         if pred.weight is not None:
             tensors[f"{_key(state)}.linear.weight"] = torch.from_numpy(np.ascontiguousarray(pred.weight))
             tensors[f"{_key(state)}.linear.bias"] = torch.from_numpy(np.ascontiguousarray(pred.bias))
+        for t, head in (pred.trees or {}).items():             # boosted trees: plain arrays
+            for name, arr in head.arrays().items():
+                tensors[f"{_key(state)}.gbt{t}.{name}"] = torch.from_numpy(np.ascontiguousarray(arr))
+            predictors[_key(state)].setdefault("gbt", {})[str(t)] = {"depth": head.depth,
+                                                                    "bias": head.bias}
     save_file(tensors, str(out / "weights.safetensors"))
     digest = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
     doc = {
@@ -103,9 +108,14 @@ def load_policy(path: str | Path):
             models.append(model)
         lin = f"{key}.linear."
         weight, bias = tensors.get(lin + "weight"), tensors.get(lin + "bias")
+        trees = {int(t): TreeHead(**{k[len(f"{key}.gbt{t}."):]: v.numpy() for k, v in tensors.items()
+                                     if k.startswith(f"{key}.gbt{t}.")}, depth=int(g["depth"]),
+                                  bias=float(g["bias"]))
+                 for t, g in info.get("gbt", {}).items()}
         predictors[_state(key)] = StatePredictor(
             models, np.asarray(info["platt"]), info.get("heads"),
-            None if weight is None else weight.numpy(), None if bias is None else bias.numpy())
+            None if weight is None else weight.numpy(), None if bias is None else bias.numpy(),
+            trees or None)
     points = [OperatingPoint(lam=float("nan") if p["lambda_normalised"] is None else p["lambda_normalised"],
                              label=p["label"], cal_cost=p["cal_cost"],
                              cal_quality=p["cal_quality"],

@@ -91,7 +91,8 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         x = featurizer(obs, state)
         numeric = featurizer.numeric_columns(state, list(ladder.prompt_num), list(ladder.output_num))
         predictors[state], q_by_state[state], chosen = fit_state(
-            x, quality.T, folds, cfg, seed=cfg.seed + k, numeric=numeric)
+            x, quality.T, folds, cfg, seed=cfg.seed + k, numeric=numeric,
+            dense=featurizer.dense_columns(state))
         choices += [{"state": list(state)} | c for c in chosen]
         for t in range(n):
             metrics.append({"state": list(state), "tier": t, "observed": t in state,

@@ -38,7 +38,8 @@ def main():
 @click.option("--folds", type=int, default=3, show_default=True, help="Cross-fitting folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--models", default="prior,monotone,linear,mlp", show_default=True,
-              help="Predictor candidates, chosen per state and tier by out-of-fold log-loss.")
+              help="Predictor candidates, chosen per state and tier by out-of-fold log-loss "
+                   "(prior, monotone, linear, gbt, mlp).")
 @click.option("--no-harm-confidence", type=click.FloatRange(0, 1), default=0.75, show_default=True,
               help="Keep a cascade point only with this confidence (on held-out calibration rows) "
                    "that it beats the fixed-tier mix at its cost; else it becomes that mix.")

@@ -90,10 +90,11 @@ class EvalResult:
 
 
 def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
-             online: bool = False, max_t: int = 100_000, log=lambda m: None) -> EvalResult:
+             online: bool = False, max_t: int = 100_000, log=lambda m: None,
+             cfg=None) -> EvalResult:
     rng = np.random.default_rng(seed)
     cal, test = split(ladder, calibration_share)
-    policy, report = fit_policy(cal, log=log)
+    policy, report = fit_policy(cal, cfg=cfg, log=log)
     decisions = replay(policy, test.without_labels())
     results = per_row(decisions, test)
     n = ladder.n_tiers

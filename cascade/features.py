@@ -240,6 +240,17 @@ class StateFeaturizer:
             offset += width + OUTPUT_HASH + ANSWER_HASH
         return out
 
+    def dense_columns(self, state: tuple[int, ...]) -> list[int]:
+        """The columns of this state's design matrix that are not hashed text: the prompt's
+        statistics and logged numbers, and each run tier's."""
+        cols = list(range(len(self.prompt_scaler.mean)))
+        offset = len(self.prompt_scaler.mean) + PROMPT_HASH + META_HASH
+        for t in state:
+            width = len(self.tier_scalers[t].mean)
+            cols += range(offset, offset + width)
+            offset += width + OUTPUT_HASH + ANSWER_HASH
+        return cols
+
     def to_json(self) -> dict:
         return {"prompt": self.prompt_scaler.to_json(),
                 "tiers": {str(t): s.to_json() for t, s in self.tier_scalers.items()}}

@@ -7,9 +7,11 @@ running t would give.
 
 Candidates, each cross-fitted on the same K folds of the calibration rows: the tier's base rate
 (prior); per logged number (a tier's token log-probability, choice probability...), Platt scaling
-of that number alone, a monotone map; ridge regression on every feature, Platt-scaled; and a small
-torch MLP with one output per tier (the rare tiers borrow strength from the others). Per (state,
-tier) the lowest out-of-fold log-loss wins, so small calibration sets pick simple models by
+of that number alone, a monotone map; ridge regression on every feature, Platt-scaled; gradient-
+boosted trees on the features that are not hashed text (scikit-learn's histogram boosting, small:
+25 trees of at most 8 leaves; opt-in, see DEFAULT_MODELS), Platt-scaled; and a small torch MLP
+with one output per tier (the rare tiers borrow strength from the others). Per (state, tier)
+the lowest out-of-fold log-loss wins, so small calibration sets pick simple models by
 themselves. The out-of-fold predictions are what the dynamic programme is fitted on (in-sample
 predictions are overconfident and would make stopping look better than it is); at run time the K
 fold models are averaged. Every probability is Platt-calibrated on out-of-fold scores.
@@ -26,8 +28,14 @@ from torch import nn
 
 # Candidate models for each (state, tier), simplest first; the choice is the lowest out-of-fold
 # log-loss, so a tie (or a small calibration set where nothing beats a simple model) keeps the
-# simpler one. Every candidate but the MLP is a linear head on the state's feature matrix.
-CANDIDATES = ("prior", "monotone", "linear", "mlp")
+# simpler one. prior, monotone and linear are linear heads on the state's feature matrix.
+CANDIDATES = ("prior", "monotone", "linear", "gbt", "mlp")
+# The default set leaves the trees out: on the two small shared ladders they won out of fold
+# yet lost on the test rows (README, "Decision quality"); `calibrate --models` adds them.
+DEFAULT_MODELS = ("prior", "monotone", "linear", "mlp")
+# Boosted trees: small on purpose (a head is evaluated per row at run time, <= 2 us/row in all)
+GBT_PARAMS = dict(max_iter=25, learning_rate=0.15, max_leaf_nodes=8, max_depth=3,
+                  min_samples_leaf=20, l2_regularization=1.0, early_stopping=False)
 
 
 @dataclass
@@ -41,7 +49,7 @@ class TrainConfig:
     folds: int = 3
     seed: int = 0
     # candidate model kinds chosen from per (state, tier) by out-of-fold log-loss
-    models: tuple[str, ...] = CANDIDATES
+    models: tuple[str, ...] = DEFAULT_MODELS
 
 
 class QualityMLP(nn.Module):
@@ -111,6 +119,96 @@ RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 
 
 @dataclass
+class TreeHead:
+    """A boosted-tree head as plain arrays over the nodes of all its trees (no pickle: they are
+    saved as safetensors). Leaf values carry the head's Platt scale, `bias` its baseline and
+    shift: score = bias + the sum over trees of the leaf each row reaches.
+
+    Evaluated for a whole batch with no per-tree loop: every split's test at once (one
+    comparison of the gathered columns against the thresholds), each leaf's indicator as the AND
+    of the <= `depth` tests on its path (or their negations), and the score as one product of
+    those indicators with the leaf values."""
+
+    feature: np.ndarray        # (nodes,) column of the state's matrix tested (0 at leaves)
+    threshold: np.ndarray      # (nodes,) go left when x <= threshold
+    missing_left: np.ndarray   # (nodes,) where a missing (NaN) value goes
+    left: np.ndarray           # (nodes,) absolute node index (-1 at leaves)
+    right: np.ndarray
+    value: np.ndarray          # (nodes,) leaf value (0 at inner nodes)
+    roots: np.ndarray          # (trees,)
+    depth: int
+    bias: float
+
+    def __post_init__(self):
+        inner = np.flatnonzero(self.left >= 0)
+        slot = np.full(len(self.left), -1)
+        slot[inner] = np.arange(len(inner))            # a split's column in the test matrix
+        c, paths, leaves = len(inner), [], []
+        stack = [(int(r), []) for r in self.roots]
+        while stack:                                   # every root-to-leaf path
+            node, path = stack.pop()
+            if self.left[node] < 0:
+                leaves.append(node)
+                paths.append(path + [2 * c] * (self.depth - len(path)))   # padded with "true"
+                continue
+            stack.append((int(self.left[node]), path + [slot[node]]))
+            stack.append((int(self.right[node]), path + [c + slot[node]]))
+        feat = self.feature[inner]
+        self._by_col = [(int(u), np.flatnonzero(feat == u)) for u in np.unique(feat)]
+        self._thr = self.threshold[inner]
+        self._miss = self.missing_left[inner]
+        self._paths = np.array(paths, dtype=np.int64).reshape(len(leaves), self.depth)
+        self._values = self.value[leaves].astype(np.float64)
+        self._values32 = self._values.astype(np.float32)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        n, c = len(x), len(self._thr)
+        tests = np.empty((2 * c + 1, n), dtype=bool)   # each split's test, its negation, "true"
+        for col, splits in self._by_col:               # one column at a time: no float copies
+            v = x[:, col]
+            tests[splits] = v[None, :] <= self._thr[splits, None]
+            if np.isnan(v).any():
+                tests[splits] = np.where(np.isnan(v)[None, :], self._miss[splits, None], tests[splits])
+        np.logical_not(tests[:c], out=tests[c:2 * c])
+        tests[2 * c] = True
+        if not self.depth:
+            return np.full(len(x), self._values.sum() + self.bias)
+        reach = tests[self._paths[:, 0]]                # (leaves, rows)
+        for d in range(1, self.depth):
+            reach &= tests[self._paths[:, d]]
+        return self._values32 @ reach.view(np.uint8).astype(np.float32) + self.bias
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in ("feature", "threshold", "missing_left", "left",
+                                              "right", "value", "roots")}
+
+    @classmethod
+    def from_sklearn(cls, ests, scale: float, shift: float, cols=None) -> "TreeHead":
+        """From fitted HistGradientBoostingRegressors (their trees, `_predictors`, and
+        baselines), averaged, and the Platt scaling of that average: logit = scale * mean
+        prediction + shift. `cols`: the state-matrix column of each feature they were fitted on."""
+        ests = ests if isinstance(ests, (list, tuple)) else [ests]
+        scale = scale / len(ests)
+        nodes = [tree[0].nodes for est in ests for tree in est._predictors]
+        sizes = np.array([len(t) for t in nodes])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        flat = np.concatenate(nodes)
+        offset = np.repeat(starts, sizes)
+        leaf = flat["is_leaf"].astype(bool)
+        feature = flat["feature_idx"].astype(np.int64)
+        if cols is not None:
+            feature = np.asarray(cols, dtype=np.int64)[feature]
+        return cls(feature=np.where(leaf, 0, feature),
+                   threshold=flat["num_threshold"].astype(np.float64),
+                   missing_left=flat["missing_go_to_left"].astype(bool),
+                   left=np.where(leaf, -1, flat["left"].astype(np.int64) + offset),
+                   right=np.where(leaf, -1, flat["right"].astype(np.int64) + offset),
+                   value=np.where(leaf, scale * flat["value"], 0.0),
+                   roots=starts.astype(np.int64), depth=int(flat["depth"].max()),
+                   bias=float(scale * sum(np.ravel(e._baseline_prediction)[0] for e in ests) + shift))
+
+
+@dataclass
 class StatePredictor:
     """The predictor of one state: per tier, either the K fold MLPs' Platt-scaled mean logit, or
     a linear head (prior, a monotone map of one numeric column, Platt-scaled ridge) with its
@@ -121,6 +219,7 @@ class StatePredictor:
     heads: list[str] | None = None       # per tier: "mlp" or the linear head's name
     weight: np.ndarray | None = None     # (n_features, n_tiers): linear heads (0 for MLP tiers)
     bias: np.ndarray | None = None       # (n_tiers,)
+    trees: dict[int, TreeHead] | None = None   # tier -> its boosted-tree head
 
     def __post_init__(self):
         n = self.platt.shape[0]
@@ -149,6 +248,8 @@ class StatePredictor:
         out = expit(x @ self.weight + self.bias)
         if self._mlp.any():
             out[:, self._mlp] = apply_platt(self.logits(x), self.platt)[:, self._mlp]
+        for t, head in (self.trees or {}).items():
+            out[:, t] = expit(head.score(x))
         return out
 
 
@@ -179,13 +280,16 @@ def _logit(p):
 
 
 def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig, seed: int,
-              numeric: dict[str, int] | None = None) -> tuple[StatePredictor, np.ndarray, list[dict]]:
+              numeric: dict[str, int] | None = None, dense: list[int] | None = None
+              ) -> tuple[StatePredictor, np.ndarray, list[dict]]:
     """Every candidate model of one state, cross-fitted on the same folds; per tier, the one with
     the lowest out-of-fold log-loss. Returns the predictor, its out-of-fold probabilities (what
     the dynamic programme is fitted on) and per tier the choice with every candidate's loss.
 
     `numeric`: name -> column of x holding a numeric signal (a per-tier log-probability...); each
     gets a monotone candidate, a one-feature logistic fit (Platt scaling) of that column.
+    `dense`: the columns that are not hashed text; the trees split on those only (hundreds of
+    sparse hashed columns would cost most of their fitting time for little).
     """
     n_rows, n = y.shape
     k = int(folds.max()) + 1
@@ -234,6 +338,12 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
         score[~train] = fit.predict(x[~train])
         coefs[f], icpts[f] = fit.coef_, fit.intercept_
     platt_heads("linear", score, coefs, icpts)
+    trees: dict[int, tuple[np.ndarray, TreeHead]] = {}    # tier -> (oof probabilities, head)
+    if "gbt" in cfg.models:
+        cols = np.asarray(dense if dense is not None else range(x.shape[1]))
+        where = {c: i for i, c in enumerate(cols)}
+        trees = _fit_trees(x[:, cols], y, folds, seed,
+                           [where[c] for name, c in numeric.items() if "@tier" in name and c in where], cols)
 
     heads, report = [], []
     weight, bias = np.zeros((x.shape[1], n)), np.zeros(n)
@@ -241,6 +351,8 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
     for t in range(n):
         losses = {name: log_loss(c[0][:, t], y[:, t]) for name, c in cands.items()
                   if name.split(":")[0] in cfg.models}
+        if t in trees:
+            losses["gbt"] = log_loss(trees[t][0], y[:, t])
         if "mlp" in cfg.models or not losses:
             losses["mlp"] = log_loss(oof_mlp[:, t], y[:, t])
         best = min(losses, key=losses.get)           # dict order: simplest first wins a tie
@@ -248,10 +360,48 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
         report.append({"tier": t, "model": best, "log_loss": losses})
         if best == "mlp":
             oof[:, t] = oof_mlp[:, t]
+        elif best == "gbt":
+            oof[:, t] = trees[t][0]
         else:
             oof[:, t], weight[:, t], bias[t] = cands[best][0][:, t], cands[best][1][:, t], cands[best][2][t]
-    pred = StatePredictor(mlp.models, mlp.platt, heads, weight, bias)
+    chosen = {t: trees[t][1] for t, h in enumerate(heads) if h == "gbt"}
+    pred = StatePredictor(mlp.models, mlp.platt, heads, weight, bias, chosen or None)
     return pred, oof, report
+
+
+def _fit_trees(x: np.ndarray, y: np.ndarray, folds: np.ndarray, seed: int, signals: list[int],
+               cols: np.ndarray) -> dict[int, tuple[np.ndarray, TreeHead]]:
+    """The boosted-tree candidate of each tier whose quality varies: out-of-fold probabilities
+    from the K fold fits (Platt-scaled), and the head deployed: the K fold fits averaged (their
+    trees side by side), with that Platt scaling, as the linear heads average their folds (a
+    refit on every row would be sharper than the out-of-fold scores the scaling was fitted on).
+    The logged output-level numbers (`signals`: columns of x, a run tier's token
+    log-probability, choice probability...) enter monotonically, each in the direction of its
+    correlation with the tier's quality on the rows fitted, as in the linear candidates. `x`
+    holds the columns `cols` of the state's matrix; the heads index the whole matrix."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    def fit(rows: np.ndarray, t: int):
+        cst = np.zeros(x.shape[1], dtype=int)
+        for col in signals:
+            v, q = x[rows, col], y[rows, t]
+            r = np.corrcoef(v, q)[0, 1] if v.std() > 0 and q.std() > 0 else 0.0
+            cst[col] = -1 if r < 0 else 1
+        return HistGradientBoostingRegressor(**GBT_PARAMS, monotonic_cst=cst,
+                                             random_state=seed).fit(x[rows], y[rows, t])
+
+    k = int(folds.max()) + 1
+    out = {}
+    for t in range(y.shape[1]):
+        if y[:, t].min() == y[:, t].max():
+            continue                                   # nothing to learn: the prior has it
+        score, fits = np.zeros(len(y)), []
+        for f in range(k):
+            fits.append(fit(np.flatnonzero(folds != f), t))
+            score[folds == f] = fits[-1].predict(x[folds == f])
+        a, c = fit_platt(score, y[:, t])
+        out[t] = (expit(a * score + c), TreeHead.from_sklearn(fits, a, c, cols))
+    return out
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float | None:

@@ -103,6 +103,27 @@ def confidence_ladder(n_rows: int, seed: int) -> pl.DataFrame:
         "output": pl.String, "quality": pl.Float64, "cost": pl.Float64, "logprob": pl.Float64})
 
 
+def band_ladder(n_rows: int, seed: int) -> pl.DataFrame:
+    """Two tiers where tier 0 is right only when the prompt's logged `difficulty` lies in a
+    middle band (0.3, 0.7) (90% there, 15% elsewhere): a signal no monotone or linear map of it
+    can use, which trees can; tier 1 is right 85% of the time at ten times the cost."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.random(n_rows)
+    band = (difficulty > 0.3) & (difficulty < 0.7)
+    right0 = rng.random(n_rows) < np.where(band, 0.9, 0.15)
+    rows = []
+    for i in range(n_rows):
+        prompt = " ".join(rng.choice(WORDS, 8))
+        rid = f"b{seed}-{i}"
+        for tier, model, right, cost in ((0, "small", right0[i], 0.1),
+                                         (1, "large", rng.random() < 0.85, 1.0)):
+            rows.append((rid, tier, model, prompt, " ".join(rng.choice(WORDS, 3)), float(right), cost,
+                         float(difficulty[i])))
+    return pl.DataFrame(rows, orient="row", schema={
+        "row_id": pl.String, "tier": pl.Int32, "model": pl.String, "prompt": pl.String,
+        "output": pl.String, "quality": pl.Float64, "cost": pl.Float64, "difficulty": pl.Float64})
+
+
 def noise_ladder(n_rows: int, seed: int) -> pl.DataFrame:
     """Three tiers whose outcomes nothing logged predicts: prompts and outputs are random words,
     quality is an independent coin per tier (0.55, 0.6, 0.8 at costs 0.1, 0.5, 1). No policy can

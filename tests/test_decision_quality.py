@@ -11,7 +11,7 @@ from cascade.features import Observations
 from cascade.ladder import load_ladder
 from cascade.policy import row_hash
 from cascade.runtime import replay
-from tests.synthetic import confidence_ladder, noise_ladder
+from tests.synthetic import band_ladder, confidence_ladder, noise_ladder
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_small_set_uses_the_confidence_column_not_the_mlp(confident):
     chosen = {(tuple(m["state"]), m["tier"]): m["model"] for m in report.model_choice}
     # tier 0's answer, once seen: 400 rows, one informative number -> a simple model of it
     assert chosen[((0,), 0)] in ("monotone:logprob@tier0", "linear"), chosen
-    assert set(chosen.values()) <= {"prior", "linear", "mlp"} | {f"monotone:logprob@tier{t}" for t in (0, 1)}
+    assert set(chosen.values()) <= {"prior", "linear", "gbt", "mlp"} | {f"monotone:logprob@tier{t}" for t in (0, 1)}
     # every choice is the lowest out-of-fold log-loss among the candidates
     for m in report.model_choice:
         assert m["log_loss"][m["model"]] == min(m["log_loss"].values())
@@ -43,6 +43,40 @@ def test_confidence_is_used_monotonically_and_non_finite_values_are_placed(confi
     assert np.all(np.diff(p[:len(grid)]) >= -1e-9), p       # never less sure as logprob rises
     assert p[len(grid) - 1] - p[0] > 0.3                     # and it matters
     assert p[0] <= p[-1] <= p[len(grid) - 1]                 # missing: in between
+
+
+def test_boosted_trees_win_where_the_signal_is_not_monotone_and_survive_the_artifact(tmp_path):
+    """Tier 0 is right only inside a band of a prompt-level number: the boosted-tree candidate
+    beats every monotone and linear map of it out of fold, is chosen, predicts as scikit-learn's
+    own trees do, and the saved artifact predicts the same."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from cascade.artifact import load_policy, save_policy
+    from cascade.predictor import CANDIDATES, GBT_PARAMS, TrainConfig, TreeHead
+
+    cal = load_ladder(band_ladder(1500, seed=3), require_quality=True)
+    policy, report = fit_policy(cal, cfg=TrainConfig(models=CANDIDATES))     # trees are opt-in
+    seen = next(m for m in report.model_choice if tuple(m["state"]) == (0,) and m["tier"] == 0)
+    assert "monotone:difficulty" in seen["log_loss"]
+    losses = seen["log_loss"]
+    simple = [v for k, v in losses.items() if k in ("prior", "linear") or k.startswith("monotone")]
+    assert losses["gbt"] < min(simple) - 0.05, losses
+    assert seen["model"] in ("gbt", "mlp") and losses[seen["model"]] == min(losses.values())
+    # the tree arrays evaluate as scikit-learn does (NaN included): two fits averaged, Platt-scaled
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 4))
+    y = (np.abs(x[:, 0]) < 0.7).astype(float)
+    est = HistGradientBoostingRegressor(**GBT_PARAMS, random_state=0).fit(x, y)
+    x[::7, 0] = np.nan
+    other = HistGradientBoostingRegressor(**GBT_PARAMS, random_state=1).fit(x[::2], y[::2])
+    head = TreeHead.from_sklearn([est, other], 2.0, -0.5)
+    assert np.allclose(head.score(x), 2.0 * (est.predict(x) + other.predict(x)) / 2 - 0.5, atol=1e-5)
+    # through the artifact (JSON + safetensors): same predictions wherever trees were chosen
+    assert any(p.trees for p in policy.predictors.values())
+    back = load_policy(save_policy(policy, tmp_path / "policy"))
+    obs = Observations(np.array(cal.prompts[:50], dtype=object), {}, {"difficulty": cal.prompt_num["difficulty"][:50]})
+    obs.reveal(0, list(cal.outputs[0, :50]), np.full(50, 0.1), {})
+    assert np.allclose(policy.predict(obs, (0,)), back.predict(obs, (0,)))
 
 
 def test_noise_ladder_falls_back_to_fixed_tiers_and_does_no_harm():
