@@ -246,11 +246,18 @@ def _write_local_group(root: str, items: list[tuple[str, bytes, bool]]) -> list[
             staged.append((tmp, target, once))
         fd = os.open(root, os.O_RDONLY)
         try:
-            if _SYNCFS(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs of {root}: {os.strerror(err)}")
+            synced = _SYNCFS(fd) == 0
         finally:
             os.close(fd)
+        if not synced:                       # a filesystem that refuses syncfs: fsync each
+            log.warning("syncfs of %s failed (%s); syncing file by file",
+                        root, os.strerror(ctypes.get_errno()))
+            for tmp, _, _ in staged:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         won = []
         for tmp, target, once in staged:
             if not once:

@@ -51,6 +51,16 @@ def test_a_group_write_keeps_an_existing_write_once_file_and_leaves_no_temporary
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
+def test_a_group_write_falls_back_to_a_fsync_per_file_when_syncfs_fails(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(storage, "_SYNCFS", lambda fd: -1)
+    monkeypatch.setattr(storage.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    assert storage._write_local_group(str(tmp_path), [("a", b"1", True), ("b", b"2", False)]) == [True, True]
+    assert len(synced) == 2 and (tmp_path / "a").read_bytes() == b"1" and (tmp_path / "b").read_bytes() == b"2"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_a_failed_background_write_is_raised_by_the_next_call(tmp_path, monkeypatch):
     def broken(root, items):
         raise OSError(28, "No space left on device")
