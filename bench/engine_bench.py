@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def timed_generate(engine, prompts, sampling, unit):
@@ -33,37 +34,6 @@ def timed_choose(engine, prompts, choices, unit):
     return gens, time.perf_counter() - t0
 
 
-def full_sequences(engine, prompts, choices, unit):
-    """Every choice scored after every prompt by one left-padded forward over the full
-    sequences of a unit (no reuse); returns (answers, log-probabilities of each, seconds)."""
-    import torch
-
-    from workers.engines.base import choice_text
-
-    tok, out, t0 = engine.tokenizer, [], time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(prompts), unit):
-            seqs, widths = [], []
-            for prompt in prompts[i:i + unit]:
-                ids = tok(prompt)["input_ids"]
-                for c in choices:
-                    c_ids = tok(choice_text(prompt, c), add_special_tokens=False)["input_ids"]
-                    seqs.append(ids + c_ids)
-                    widths.append(len(c_ids))
-            enc = tok.pad({"input_ids": seqs}, return_tensors="pt", padding=True)
-            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            keep = max(widths) + 1
-            logits = engine.model(**enc, position_ids=pos, logits_to_keep=keep).logits.float()
-            logp = logits - torch.logsumexp(logits, -1, keepdim=True)
-            lps = [logp[j, keep - 1 - w:keep - 1].gather(-1, enc["input_ids"][j, -w:, None]).squeeze(-1).tolist()
-                   for j, w in enumerate(widths)]
-            for r in range(len(seqs) // len(choices)):
-                row = lps[r * len(choices):(r + 1) * len(choices)]
-                best = max(range(len(choices)), key=lambda k: sum(row[k]))
-                out.append((choices[best], row[best]))
-    return out, time.perf_counter() - t0
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200)
@@ -76,6 +46,7 @@ def main():
     import torch
 
     from jobs.spec import load_spec
+    from job_bench import plain_choose
     from workers.engines.transformers_engine import TransformersEngine, shared_prefix
 
     spec = load_spec(ROOT / "examples/demo/job.yaml")
@@ -101,9 +72,11 @@ def main():
             continue
         engines["reuse"].choose(prompts[:4], [choices] * 4)
         c, tc = timed_choose(engines["reuse"], prompts, choices, args.unit)
-        f, tf = full_sequences(engines["reuse"], prompts, choices, args.unit)
-        same = all(x.text == a for x, (a, _) in zip(c, f))
-        worst = max(abs(p - q) for x, (_, lp) in zip(c, f) for p, q in zip(x.token_logprobs, lp))
+        # full sequences: every prompt + choice prefilled in full, one forward per unit
+        batches = [prompts[i:i + args.unit] for i in range(0, len(prompts), args.unit)]
+        answers, lps, tf = plain_choose(engines["reuse"].tokenizer, engines["reuse"].model, batches, choices)
+        same = all(x.text == a for x, a in zip(c, answers))
+        worst = max(abs(p - q) for x, lp in zip(c, lps) for p, q in zip(x.token_logprobs, lp))
         print(f"{tier.name} choices {choices}: full sequences {len(prompts) / tf:.2f} rows/s, engine "
               f"{len(prompts) / tc:.2f} rows/s: {tf / tc:.2f}x; {tb / tc:.2f}x the rows/s of free generation "
               f"with full prefill; answers identical: {'yes' if same else 'NO'}, largest "

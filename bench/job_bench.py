@@ -56,12 +56,13 @@ def plain_generate(tok, model, batches: list[list[str]], max_tokens: int):
 def plain_choose(tok, model, batches: list[list[str]], choices: list[str]):
     """Plain transformers scoring of every choice after every prompt: one left-padded full forward
     per batch of (prompt, choice) sequences, no prefix reuse; the answer is the choice with the
-    highest summed token log-probability. Returns (answers, seconds)."""
+    highest summed token log-probability. Returns (answers, each answer's token log-probabilities,
+    seconds)."""
     import torch
 
     from workers.engines.base import choice_text
 
-    answers, t0 = [], time.perf_counter()
+    answers, lps, t0 = [], [], time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
             seqs, widths = [], []
@@ -74,13 +75,16 @@ def plain_choose(tok, model, batches: list[list[str]], choices: list[str]):
             enc = tok.pad({"input_ids": seqs}, return_tensors="pt", padding=True)
             pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             keep = max(widths) + 1                # logits of the choice positions only
-            logp = torch.log_softmax(model(**enc, position_ids=pos, logits_to_keep=keep).logits.float(), -1)
-            totals = [float(logp[i, keep - 1 - w:keep - 1].gather(-1, enc["input_ids"][i, -w:, None]).sum())
-                      for i, w in enumerate(widths)]
+            logits = model(**enc, position_ids=pos, logits_to_keep=keep).logits.float()
+            logp = logits - torch.logsumexp(logits, -1, keepdim=True)
+            each = [logp[i, keep - 1 - w:keep - 1].gather(-1, enc["input_ids"][i, -w:, None]).squeeze(-1).tolist()
+                    for i, w in enumerate(widths)]
             for r in range(len(batch)):
-                row = totals[r * len(choices):(r + 1) * len(choices)]
-                answers.append(choices[max(range(len(choices)), key=row.__getitem__)])
-    return answers, time.perf_counter() - t0
+                row = each[r * len(choices):(r + 1) * len(choices)]
+                best = max(range(len(choices)), key=lambda k: sum(row[k]))
+                answers.append(choices[best])
+                lps.append(row[best])
+    return answers, lps, time.perf_counter() - t0
 
 
 def before_job(work: Path, now: list[dict]) -> list[dict]:
@@ -190,7 +194,7 @@ def main():
             batches.append(tab.filter(pl.col("next_tier") == i)["prompt"].to_list())
         n = sum(map(len, batches))
         if t.choices or spec.choices:            # the demo answers from its choices
-            _, secs = plain_choose(*plain_models[t.name], batches, t.choices or spec.choices)
+            _, _, secs = plain_choose(*plain_models[t.name], batches, t.choices or spec.choices)
         else:
             _, secs = plain_generate(*plain_models[t.name], batches, t.sampling.max_tokens)
         plain[t.name] = {"rows": n, "batches": [len(b) for b in batches], "seconds": secs,
