@@ -6,7 +6,8 @@ and each model loads once. Its state store is in memory (jobs.state.MemoryState)
 directory holds the truth as for any job, so `cascade resume` finishes a run that was killed.
 No broker, no server, no polling: on one machine a broker would only add serialization and
 latency. Its writes to the job directory go through a background writer (jobs.storage.
-WriteBehind: fsynced, in order, read-your-writes), so units compute while the disk syncs.
+WriteBehind: synced before visible, in order, read-your-writes), so units compute while the
+disk syncs.
 
 Cluster (`cascade submit` + `cascade worker`): one Celery task per unit on the queue of its tier.
 """

@@ -42,10 +42,11 @@ class WriteBehind:
     the next unit's need not wait for the disk (an fsync is I/O wait, 0.5-1 ms here, and so is
     much of creating a file).
 
-    Each write keeps its guarantees: it is fsynced before it is linked (or renamed) into place,
-    so a visible file is never torn, and files reach the disk in the order they were written, so
-    no file is ever visible before one written before it (a work file before its sources'
-    results, finished.json before the results). Until its file is in place, a write is served
+    Each write keeps its guarantees: its bytes are on disk (one syncfs for what is queued, see
+    _write_local_group) before it is linked (or renamed) into place, so a visible file is never
+    torn, and files are linked in the order they were written, so no file is ever visible
+    before one written before it (a work file before its sources' results, finished.json
+    before the results). Until its file is in place, a write is served
     from memory to every Store of that directory in this process (read-your-writes); globbing
     and removing wait for every pending write first. Pending bytes are bounded, so memory does
     not grow with the job: a writer that falls behind slows the caller down. A failed write is
