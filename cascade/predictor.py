@@ -158,8 +158,7 @@ class TreeHead:
         self._thr = self.threshold[inner]
         self._miss = self.missing_left[inner]
         self._paths = np.array(paths, dtype=np.int64).reshape(len(leaves), self.depth)
-        self._values = self.value[leaves].astype(np.float64)
-        self._values32 = self._values.astype(np.float32)
+        self._values = self.value[leaves].astype(np.float32)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         n, c = len(x), len(self._thr)
@@ -172,11 +171,11 @@ class TreeHead:
         np.logical_not(tests[:c], out=tests[c:2 * c])
         tests[2 * c] = True
         if not self.depth:
-            return np.full(len(x), self._values.sum() + self.bias)
+            return np.full(len(x), float(self._values.sum()) + self.bias)
         reach = tests[self._paths[:, 0]]                # (leaves, rows)
         for d in range(1, self.depth):
             reach &= tests[self._paths[:, d]]
-        return self._values32 @ reach.view(np.uint8).astype(np.float32) + self.bias
+        return self._values @ reach.view(np.uint8).astype(np.float32) + self.bias
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in ("feature", "threshold", "missing_left", "left",

@@ -106,6 +106,7 @@ class WriteBehind:
         """`size`: the file's bytes, which stand for the table's (Table.nbytes walks every
         buffer of a sliced table: slower than the write)."""
         with self.cond:
+            self.forget(rel)                       # a rewritten file replaces its entry
             self.meta[rel] = meta
             self.tables[rel] = (table, size)
             self.table_bytes += size
@@ -113,7 +114,7 @@ class WriteBehind:
                 self.table_bytes -= self.tables.popitem(last=False)[1][1]
 
     def forget(self, rel: str):
-        with self.cond:
+        with self.cond:                            # reentrant: callers may hold it
             self.meta.pop(rel, None)
             if (t := self.tables.pop(rel, None)) is not None:
                 self.table_bytes -= t[1]
@@ -122,9 +123,7 @@ class WriteBehind:
         """Forget every file at or under `prefix` ("" for all)."""
         with self.cond:
             for rel in [r for r in self.meta if not prefix or r == prefix or r.startswith(prefix.rstrip("/") + "/")]:
-                self.meta.pop(rel, None)
-                if (t := self.tables.pop(rel, None)) is not None:
-                    self.table_bytes -= t[1]
+                self.forget(rel)
 
     def remembered(self, rel: str) -> tuple[pa.Table | None, dict | None]:
         with self.cond:
@@ -183,9 +182,7 @@ class WriteBehind:
                     if not ok:
                         log.warning("%s/%s was written by another process first; kept theirs",
                                     self.root, rel)
-                        self.meta.pop(rel, None)
-                        if (t := self.tables.pop(rel, None)) is not None:
-                            self.table_bytes -= t[1]
+                        self.forget(rel)
                     self.bytes -= len(data)
                     if self.pending.get(rel) is data:
                         del self.pending[rel]
@@ -240,11 +237,7 @@ def _write_local_group(root: str, items: list[tuple[str, bytes, bool]]) -> list[
     try:
         for rel, data, once in items:
             target = f"{root}/{rel}"
-            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            staged.append((tmp, target, once))
+            staged.append((_stage(target, data, sync=False), target, once))
         fd = os.open(root, os.O_RDONLY)
         try:
             synced = _SYNCFS(fd) == 0
@@ -259,31 +252,28 @@ def _write_local_group(root: str, items: list[tuple[str, bytes, bool]]) -> list[
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        won = []
-        for tmp, target, once in staged:
-            if not once:
-                os.replace(tmp, target)
-                won.append(True)
-                continue
-            try:
-                os.link(tmp, target)
-                won.append(True)
-            except FileExistsError:
-                won.append(False)
-        return won
+        return [_place(tmp, target, once) for tmp, target, once in staged]
     finally:
-        for tmp, _, _ in staged:                  # renamed ones are gone already
+        for tmp, _, _ in staged:                  # placed ones are gone already
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
 
-def _write_local(target: str, data: bytes, once: bool) -> bool:
+def _stage(target: str, data: bytes, *, sync: bool) -> str:
+    """`data` in a temporary file beside `target` (fsynced with `sync`); returns its path."""
     os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())      # the rename below must never expose a torn file
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())  # the rename below must never expose a torn file
+    return tmp
+
+
+def _place(tmp: str, target: str, once: bool) -> bool:
+    """A staged file into place: renamed over `target`, or with `once` hard-linked, which
+    fails (False, the existing file kept) if `target` exists; the temporary name is gone after."""
     if not once:
         os.replace(tmp, target)
         return True
@@ -294,6 +284,10 @@ def _write_local(target: str, data: bytes, once: bool) -> bool:
         return False
     finally:
         os.unlink(tmp)
+
+
+def _write_local(target: str, data: bytes, once: bool) -> bool:
+    return _place(_stage(target, data, sync=True), target, once)
 
 
 class Store:

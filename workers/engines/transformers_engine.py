@@ -156,8 +156,8 @@ class TransformersEngine(Engine):
         """Score every choice's full token sequence after its prompt and answer the most likely.
         A choice follows the prompt after one space unless the prompt ends in whitespace.
 
-        Each prompt runs once, however many choices it has: the rows' shared prefix once for the
-        call (as in generate), each row's own suffix once in groups of rows, keeping its KV
+        Each prompt runs once, however many choices it has: the rows' shared prefix once (as in
+        generate, kept for the next call), each row's own suffix once in groups of rows, keeping its KV
         cache and the logits of its last token, which score every choice's first token. Only
         choices of two or more tokens run further: their tokens but the last, from a copy of
         their row's cache, one batch for the group. Positions count real tokens only, so every
@@ -189,8 +189,10 @@ class TransformersEngine(Engine):
             # (rows, vocabulary) log_softmax tensor is materialised
             last = out.logits[:, -1].float()
             first = last - torch.logsumexp(last, dim=-1, keepdim=True)
-            for j, b in enumerate(part):
-                scores[b] = [[first[j, c[0]].item()] for c in cids[b]]
+            at = [(j, c[0]) for j, b in enumerate(part) for c in cids[b]]     # one gather
+            got = iter(first[[j for j, _ in at], [t for _, t in at]].tolist())
+            for b in part:
+                scores[b] = [[next(got)] for _ in cids[b]]
             longer = [(j, b, i) for j, b in enumerate(part) for i, c in enumerate(cids[b]) if len(c) > 1]
             if longer:
                 self._score_rest(out, mask, [len(x) for x in ids], longer, cids, scores)
