@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import failpoints
-from workers.engines.base import token_features
+from workers.engines.base import Generations
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +134,20 @@ def _samplings(table: pa.Table, base, rows: list[int]) -> tuple[list, list[str |
     return out, errors
 
 
-def _generate(engine, prompts: list[str], samplings: list, choices: list) -> list:
+def _generate(engine, prompts: list[str], samplings: list, choices: list | None) -> Generations:
     """Rows with choices in one engine.choose call; the others one engine call per distinct
-    sampling (one call when no row caps it); answers in order."""
+    sampling (one call when no row caps it); answers in order, column-wise. `choices` None:
+    no row has any."""
     if not prompts:
-        return []
-    if all(c is None for c in choices) and all(s is samplings[0] for s in samplings):
-        return engine.generate(prompts, samplings[0])
+        return Generations.of([])
+    if choices is None and samplings.count(samplings[0]) == len(samplings):    # one sampling
+        return Generations.of(engine.generate(prompts, samplings[0]))
+    choices = choices or [None] * len(prompts)
     groups: dict = {}
     for j, (s, c) in enumerate(zip(samplings, choices)):
         groups.setdefault("choose" if c is not None else (s.max_tokens, s.temperature), []).append(j)
+    if len(groups) == 1 and "choose" in groups:
+        return Generations.of(engine.choose(prompts, choices))
     out = [None] * len(prompts)
     for key, members in groups.items():
         rows = [prompts[j] for j in members]
@@ -150,14 +155,43 @@ def _generate(engine, prompts: list[str], samplings: list, choices: list) -> lis
                 else engine.generate(rows, samplings[members[0]]))
         for j, g in zip(members, gens):
             out[j] = g
-    return out
+    return Generations.of(out)
 
 
-def _choices(table: pa.Table, default: list[str] | None) -> list:
-    """Each row's valid answers: its own non-empty `choices` list, else the tier's or job's."""
+def _choices(table: pa.Table, default: list[str] | None) -> list | None:
+    """Each row's valid answers: its own non-empty `choices` list, else the tier's or job's;
+    None when no row has any."""
     if "choices" not in table.column_names:
-        return [default] * table.num_rows
-    return [c if c else default for c in table.column("choices").to_pylist()]
+        return None if default is None else [default] * table.num_rows
+    rows = [c if c else default for c in table.column("choices").to_pylist()]
+    return rows if any(c is not None for c in rows) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _vocabulary(words: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A small vocabulary's bytes end to end, and each word's length and start in them."""
+    raw = [w.encode() for w in words]
+    lengths = np.array([len(r) for r in raw], np.int64)
+    return np.frombuffer(b"".join(raw), np.uint8), lengths, np.cumsum(lengths) - lengths
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(word: str) -> pa.StringArray:
+    return pa.repeat(word, 4096).cast(pa.string())
+
+
+def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
+    """The string array of words[codes[i]], built in numpy: an Arrow take of a small dictionary
+    costs several times more at a unit's size (and one word repeated is a slice)."""
+    n = len(codes)
+    if n and (codes == codes[0]).all():
+        return _constant(words[codes[0]]).slice(0, n) if n <= 4096 else pa.repeat(words[codes[0]], n)
+    data, lengths, starts = _vocabulary(words)
+    lens = lengths[codes]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    pos = np.arange(offsets[-1]) + np.repeat(starts[codes] - offsets[:-1], lens)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data[pos]))
 
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
@@ -176,7 +210,8 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         prompts, errors = [None] * n, [fail_reason] * n
     else:
         prompts, errors = _prompts(table, engine, ts.name)
-    live = [i for i, p in enumerate(prompts) if p is not None]
+    every_prompt = errors.count(None) == n
+    live = list(range(n)) if every_prompt else [i for i, p in enumerate(prompts) if p is not None]
     samplings, bad = _samplings(table, ts.sampling, live)
     if any(bad):
         for i, e in zip(live, bad):
@@ -185,10 +220,13 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         live = [i for i, e in zip(live, bad) if e is None]
     ok = []
     if live:
-        counts = np.asarray(engine.count_tokens(live_prompts := [prompts[i] for i in live]))
-        caps = np.array([s.max_tokens for s in samplings])
+        live_prompts = prompts if len(live) == n else [prompts[i] for i in live]
+        counts = np.asarray(engine.count_tokens(live_prompts))
+        caps = (samplings[0].max_tokens if samplings.count(samplings[0]) == len(samplings)
+                else np.array([s.max_tokens for s in samplings]))
         long = counts > engine.context_length - caps
         if long.any():
+            caps = np.broadcast_to(caps, long.shape)
             for i, c, cap in zip(np.asarray(live)[long], counts[long], caps[long]):
                 errors[i] = (f"prompt has {c} tokens; with max_tokens {cap} it "
                              f"exceeds tier {ts.name}'s context of {engine.context_length}")
@@ -197,34 +235,34 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         else:
             ok = live
     t0 = time.perf_counter()
+    every = len(ok) == n                      # the common case: every row runs
     row_choices = _choices(table, ts.choices or spec.choices)
     gens = _generate(engine, live_prompts if ok is live else [prompts[i] for i in ok], samplings,
-                     [row_choices[i] for i in ok])
+                     row_choices if every or row_choices is None else [row_choices[i] for i in ok])
     per_row = (time.perf_counter() - t0) / max(len(ok), 1)
 
     # This tier's answers, column-wise; rows that did not run keep zeros and nulls.
     idx = np.asarray(ok, dtype=np.int64)
-    every = len(ok) == n                      # the common case: every row ran
     is_ok = np.ones(n, dtype=bool) if every else np.zeros(n, dtype=bool)
     is_ok[idx] = True
-    texts = [g.text for g in gens]
+    texts = gens.text
     response = pa.array(texts, pa.string())
-    finish = pa.array([g.finish_reason for g in gens], pa.string())
+    finish = pa.array(gens.finish_reason, pa.string())
     if not every:                             # spread over all rows, nulls where none ran
         spread = pa.array(np.where(is_ok, np.cumsum(is_ok) - 1, -1), pa.int64(), mask=~is_ok)
         response, finish = response.take(spread), finish.take(spread)
     ptok, otok = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    ptok[idx] = [g.prompt_tokens for g in gens]
-    otok[idx] = [len(g.token_logprobs) for g in gens]
+    ptok[idx] = gens.prompt_tokens
+    otok[idx] = gens.output_tokens
     feats = {f: np.zeros(n) for f in FEATURES}
     choice = {f: np.full(n, np.nan) for f in CHOICE_FEATURES}
-    with_choices = any(c is not None for c in row_choices)
+    with_choices = gens.choice_prob is not None
     if ok:
-        for f, v in token_features(gens).items():
+        for f, v in gens.features().items():
             feats[f][idx] = v
         if with_choices:
-            for f in CHOICE_FEATURES:
-                choice[f][idx] = [np.nan if getattr(g, f) is None else getattr(g, f) for g in gens]
+            choice["choice_prob"][idx] = gens.choice_prob
+            choice["choice_margin"][idx] = gens.choice_margin
     cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
     seconds = np.where(is_ok, per_row, 0.0)
 
@@ -232,8 +270,12 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     # answer of the tier it came from, if any. Decision codes: -1 error, 0 stop, k escalate:k.
     next_tier = np.full(n, -1, dtype=np.int64)
     kept_col = table.column("kept_tier")
-    kept = (np.full(n, -1, np.int64) if kept_col.null_count == n
-            else kept_col.fill_null(-1).to_numpy().astype(np.int64))
+    if kept_col.null_count == n:
+        kept = np.full(n, -1, np.int64)
+    elif kept_col.null_count == 0:
+        kept = kept_col.to_numpy().astype(np.int64)
+    else:
+        kept = kept_col.fill_null(-1).to_numpy().astype(np.int64)
     p_quality = np.full(n, np.nan)
     audit = np.zeros(n, dtype=bool)
     if ok:
@@ -252,28 +294,29 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         if q is not None:
             p_quality[idx] = q
     code = np.where(is_ok, np.maximum(next_tier, 0), -1)
-    labels = pa.array(["error", "stop"] + [f"escalate:{k}" for k in range(1, len(spec.tiers))])
+    decisions = ("error", "stop", *(f"escalate:{k}" for k in range(1, len(spec.tiers))))
     no_error = errors.count(None) == n
     rec = pa.StructArray.from_arrays([
-        pa.array(np.full(n, tier, np.int32)), pa.repeat(ts.name, n).cast(pa.string()),
-        pa.array(["error", "ok"]).take(pa.array(is_ok.astype(np.int8))),
+        pa.array(np.full(n, tier, np.int32)), _words((ts.name,), np.zeros(n, np.intp)),
+        _words(("error", "ok"), is_ok.astype(np.intp)),
         pa.nulls(n, pa.string()) if no_error else pa.array(errors, pa.string()), response,
         finish, pa.array(ptok), pa.array(otok),
         pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
         pa.array(feats["min_logprob"]), pa.array(p_quality, mask=np.isnan(p_quality)),
-        labels.take(pa.array(code + 1)), pa.array(audit),
+        _words(decisions, code + 1), pa.array(audit),
         pa.array(seconds), pa.array(cost),
         *(pa.array(choice[f], mask=np.isnan(choice[f])) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
     cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
     cols["trace"] = trace = append_trace(table.column("trace"), rec)
-    cols["next_tier"] = pa.array(next_tier, pa.int32(), mask=next_tier < 0)
-    cols["kept_tier"] = pa.array(kept, pa.int32(), mask=kept < 0)
+    cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
+    cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
     cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
     cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + seconds)
     # The answer each row keeps: this tier's where it keeps this tier's; an earlier tier's
     # where it stops here keeping that one (looked up in its lineage: rare); else unchanged.
     mine = is_ok & (kept == tier)
-    kept_response = pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks())
+    kept_response = (response if mine.all() else
+                     pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks()))
     earlier = np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier))
     if len(earlier):
         kept_response = kept_response.to_numpy(zero_copy_only=False).astype(object)

@@ -10,7 +10,9 @@ import os
 import time
 import zlib
 
-from workers.engines.base import Engine, Generation, chosen, register_engine
+import numpy as np
+
+from workers.engines.base import Engine, Generations, chosen, register_engine
 
 
 class ScriptedEngine(Engine):
@@ -29,18 +31,21 @@ class ScriptedEngine(Engine):
         return [len(p.split()) for p in prompts]
 
     def generate(self, prompts, sampling):
+        """Two tokens (fewer under a lower cap): the first's log-probability fixed by a hash of
+        the prompt, the second's -0.1; the answer is the tier's name and the prompt's last word.
+        Column-wise (a Generations batch), as an engine with array outputs would answer."""
         self.calls.append((self.tier.name, len(prompts)))
         if self.delay:
             time.sleep(self.delay)
-        name, salt = self.tier.name, zlib.crc32(f"{self.tier.name}|".encode())
-        out = []
-        for p in prompts:
-            words = p.split()
-            h = zlib.crc32(p.encode(), salt) % 1000 / 1000.0
-            logprobs = [-h, -0.1][:sampling.max_tokens]     # two tokens, fewer under a lower cap
-            out.append(Generation(f"{name}:{words[-1]}", logprobs,
-                                  "stop" if len(logprobs) == 2 else "length", len(words)))
-        return out
+        name, salt, crc = f"{self.tier.name}:", zlib.crc32(f"{self.tier.name}|".encode()), zlib.crc32
+        n, k = len(prompts), min(2, sampling.max_tokens)
+        words = [p.split() for p in prompts]
+        texts = [name + w[-1] for w in words]
+        counts = np.fromiter(map(len, words), np.int64, n)
+        hashes = np.fromiter((crc(p.encode(), salt) for p in prompts), np.int64, n)
+        lps = np.stack([-(hashes % 1000 / 1000.0), np.full(n, -0.1)], axis=1)[:, :k]
+        return Generations(texts, ["stop" if k == 2 else "length"] * n, counts, lps.ravel(),
+                           np.arange(n + 1, dtype=np.int64) * k)
 
     def choose(self, prompts, choices):
         """Each choice's two token log-probabilities fixed by a hash of prompt and choice."""

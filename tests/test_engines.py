@@ -81,6 +81,25 @@ def test_token_features_column_wise_equal_per_generation():
         assert set(got) == set(gens[0].features()) and all(isinstance(a, np.ndarray) for a in got.values())
 
 
+def test_generations_batch_holds_the_same_rows_as_the_list():
+    """An engine may answer column-wise (Generations); the batch built from a list gives back
+    the same rows, choice numbers included, and a batch passes through `of` unchanged."""
+    import numpy as np
+
+    from workers.engines.base import Generation, Generations, chosen
+
+    gens = [Generation("a", [-0.5, -1.0], "stop", 3), Generation("b", [], "length", 0),
+            chosen(4, ["yes", "no"], [[-0.1], [-2.0, -0.3]]), Generation("c", [-2.0], "stop", 1)]
+    batch = Generations.of(gens)
+    assert len(batch) == 4 and list(batch) == gens and batch[2] == gens[2]
+    assert batch.output_tokens.tolist() == [2, 0, 1, 1] and batch.prompt_tokens.tolist() == [3, 0, 4, 1]
+    assert np.isnan(batch.choice_prob[[0, 1, 3]]).all() and batch.choice_prob[2] == gens[2].choice_prob
+    assert Generations.of(batch) is batch
+    plain = Generations.of([Generation("x", [-1.0])])
+    assert plain.choice_prob is None and plain[0] == Generation("x", [-1.0])
+    assert len(Generations.of([])) == 0 and Generations.of([]).features()["mean_logprob"].shape == (0,)
+
+
 def test_vllm_prefix_caching_on_by_default_and_overridable():
     from jobs.spec import TierSpec
 

@@ -65,32 +65,95 @@ def chosen_each(prompt_tokens: list[int], choices: list[list[str]], scores: list
     return out
 
 
-def token_features(gens: list[Generation]) -> dict[str, np.ndarray]:
+@dataclass
+class Generations:
+    """A batch of generations column by column: what an engine may return from generate or
+    choose instead of a list of Generation. The job reads answers column-wise, and at a
+    unit's size one Python object per row, read back field by field, costs more than the rest
+    of the orchestration around it; an engine that has its answers as arrays (the scripted
+    double; vLLM's outputs could be) hands them over as they are. It is also a sequence of
+    Generation (`gens[i]`, iteration), for callers that want rows.
+
+    Row i's token log-probabilities are logprobs[offsets[i]:offsets[i + 1]]; choice_prob and
+    choice_margin are None when no row was answered from choices, else NaN on rows that were
+    not."""
+
+    text: list[str]
+    finish_reason: list[str]
+    prompt_tokens: np.ndarray                 # int64, one per row
+    logprobs: np.ndarray                      # float64, every row's tokens end to end
+    offsets: np.ndarray                       # int64, rows + 1
+    choice_prob: np.ndarray | None = None
+    choice_margin: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, gens) -> "Generations":
+        """A list of Generation (or a Generations, returned as it is) column-wise."""
+        if isinstance(gens, Generations):
+            return gens
+        n = len(gens)
+        if not n:
+            return cls([], [], np.zeros(0, np.int64), np.zeros(0), np.zeros(1, np.int64))
+        text, finish, ptok, lps, cp, cm = zip(*[(g.text, g.finish_reason, g.prompt_tokens,
+                                                 g.token_logprobs, g.choice_prob, g.choice_margin)
+                                                for g in gens])
+        lengths = np.fromiter(map(len, lps), np.int64, n)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(lps), np.float64, int(offsets[-1]))
+        choices = any(c is not None for c in cp)
+        nan = float("nan")
+        return cls(list(text), list(finish), np.fromiter(ptok, np.int64, n), flat, offsets,
+                   np.array([nan if c is None else c for c in cp], np.float64) if choices else None,
+                   np.array([nan if c is None else c for c in cm], np.float64) if choices else None)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, i: int) -> Generation:
+        def num(a):
+            return None if a is None or math.isnan(a[i]) else float(a[i])
+
+        return Generation(self.text[i], self.logprobs[self.offsets[i]:self.offsets[i + 1]].tolist(),
+                          self.finish_reason[i], int(self.prompt_tokens[i]),
+                          num(self.choice_prob), num(self.choice_margin))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def output_tokens(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def features(self) -> dict[str, np.ndarray]:
+        """Generation.features() of every row at once (same values)."""
+        n, flat, offsets = len(self), self.logprobs, self.offsets
+        lengths = np.diff(offsets)
+        if n and lengths[0] > 0 and (lengths == lengths[0]).all():
+            grid = flat[offsets[0]:offsets[-1]].reshape(n, int(lengths[0]))   # one length
+            if np.isfinite(grid).all():
+                total = grid.sum(axis=1)
+                return {"first_logprob": grid[:, 0].copy(), "mean_logprob": total / grid.shape[1],
+                        "min_logprob": grid.min(axis=1), "sum_logprob": total}
+        flat = flat[offsets[0]:offsets[-1]]
+        finite = np.isfinite(flat)
+        seg = np.repeat(np.arange(n), lengths)
+        count = np.bincount(seg[finite], minlength=n)
+        total = np.bincount(seg[finite], weights=flat[finite], minlength=n)
+        low = np.full(n, np.inf)
+        np.minimum.at(low, seg[finite], flat[finite])
+        where = np.flatnonzero(finite)
+        k = np.searchsorted(where, offsets[:-1] - offsets[0])
+        has = count > 0
+        first = np.zeros(n)
+        first[has] = flat[where[k[has]]]
+        return {"first_logprob": first, "mean_logprob": np.where(has, total / np.maximum(count, 1), 0.0),
+                "min_logprob": np.where(has, low, 0.0), "sum_logprob": total}
+
+
+def token_features(gens) -> dict[str, np.ndarray]:
     """Generation.features() of many generations at once, column-wise (same values)."""
-    n = len(gens)
-    lists = [g.token_logprobs for g in gens]
-    lengths = np.fromiter(map(len, lists), np.int64, n)
-    if n and lengths[0] > 0 and (lengths == lengths[0]).all():
-        grid = np.array(lists, dtype=np.float64)          # one length: a 2-D array at once
-        if np.isfinite(grid).all():
-            total = grid.sum(axis=1)
-            return {"first_logprob": grid[:, 0].copy(), "mean_logprob": total / grid.shape[1],
-                    "min_logprob": grid.min(axis=1), "sum_logprob": total}
-    flat = np.fromiter(itertools.chain.from_iterable(lists), np.float64, int(lengths.sum()))
-    finite = np.isfinite(flat)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    seg = np.repeat(np.arange(n), lengths)
-    count = np.bincount(seg[finite], minlength=n)
-    total = np.bincount(seg[finite], weights=flat[finite], minlength=n)
-    low = np.full(n, np.inf)
-    np.minimum.at(low, seg[finite], flat[finite])
-    where = np.flatnonzero(finite)
-    k = np.searchsorted(where, starts)
-    has = count > 0
-    first = np.zeros(n)
-    first[has] = flat[where[k[has]]]
-    return {"first_logprob": first, "mean_logprob": np.where(has, total / np.maximum(count, 1), 0.0),
-            "min_logprob": np.where(has, low, 0.0), "sum_logprob": total}
+    return Generations.of(gens).features()
 
 
 class Engine:
@@ -106,11 +169,12 @@ class Engine:
     def count_tokens(self, prompts: list[str]) -> list[int]:
         raise NotImplementedError
 
-    def generate(self, prompts: list[str], sampling) -> list[Generation]:
-        """One batched call for the whole list; returns one Generation per prompt, in order."""
+    def generate(self, prompts: list[str], sampling) -> list[Generation] | Generations:
+        """One batched call for the whole list; returns one Generation per prompt, in order
+        (or the same as a Generations batch)."""
         raise NotImplementedError
 
-    def choose(self, prompts: list[str], choices: list[list[str]]) -> list[Generation]:
+    def choose(self, prompts: list[str], choices: list[list[str]]) -> list[Generation] | Generations:
         """For each prompt, the most likely of its choices (scored, not generated), with
         choice_prob and choice_margin set (see `chosen`)."""
         raise NotImplementedError(f"engine {self.name!r} cannot score a fixed set of answers (choices)")
