@@ -13,7 +13,8 @@ import numpy as np
 from jobs.spec import JobSpec
 
 # decide(tier, rows, current) -> (next_tier, kept, p_quality), one entry per row:
-#   rows     the rows that answered on `tier` (a pyarrow Table with their `trace` so far),
+#   rows     the rows that answered on `tier` (a pyarrow Table with their lineage so far: one
+#            column per tier, jobs.units.tier_column),
 #   current  this tier's answer column-wise: each feature, `response` and `cost`;
 #   next_tier  int array, -1 where the row stops; kept: the tier whose answer is final if it
 #   stops; p_quality: the predictor's estimate of this tier's quality, or None.
@@ -74,9 +75,12 @@ class ArtifactPolicy:
         return [int(a) if a >= 0 else 0 for a in action]
 
     def decide(self, tier: int, rows, current: dict):
+        from jobs.units import lineage
+
         rows = rows.to_pylist()
         n = len(rows)
         for i, r in enumerate(rows):      # this tier's answer joins the lineage it is judged on
+            r["trace"] = lineage(r, self.n)
             r["trace"].append({"tier": tier, "status": "ok", "response": current["response"][i],
                                "cost": float(current["cost"][i]),
                                **{f: float(current[f][i]) for f in current

@@ -21,6 +21,7 @@ import traceback
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from jobs import failpoints
@@ -29,23 +30,51 @@ log = logging.getLogger(__name__)
 SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
 
 
-def _unit_results(store, files: list[str]) -> pa.RecordBatchReader:
-    """Units' results as one stream, each file read when DuckDB asks for its rows."""
-    first = store.read_arrow(files[0])
-    schema = first.schema.remove_metadata()
+class _Part:
+    """The unit results whose final rows fall in one part, held for the part: their columns but
+    the lineage as one stream for DuckDB, each row with a locator (_loc, its position in the
+    part's rows), and every tier's lineage column end to end, which `lineage` gathers by
+    locator. The lineage is most of a row's bytes; it does not go through DuckDB, whose
+    conversion of nested columns in and out cost more than the rest of finalize."""
 
-    def batches():
-        for i, f in enumerate(files):
-            for b in (first if i == 0 else store.read_arrow(f)).to_batches():
-                yield pa.RecordBatch.from_arrays(b.columns, schema=schema)
+    def __init__(self, store, files: list[str], tiers: int):
+        from jobs.units import TIER_STRUCT, tier_column
 
-    return pa.RecordBatchReader.from_batches(schema, batches())
+        names = [tier_column(k) for k in range(tiers)]
+        self.tables = [store.read_arrow(f) for f in files]
+        self.rows = sum(t.num_rows for t in self.tables)
+        chunks = [c for k in names for t in self.tables
+                  for c in (t.column(k).chunks if k in t.column_names else [pa.nulls(t.num_rows, TIER_STRUCT)])]
+        self.records = pa.concat_arrays(chunks)       # tier-major: tier k's rows at k * self.rows
+        self.valid = self.records.is_valid().to_numpy(zero_copy_only=False).reshape(tiers, self.rows).T
+        first = self.tables[0].schema.remove_metadata()
+        self.schema = pa.schema([f for f in first if f.name not in names] + [pa.field("_loc", pa.int64())])
+
+    def reader(self) -> pa.RecordBatchReader:
+        def batches():
+            at = 0
+            for t in self.tables:
+                loc = pa.array(np.arange(at, at + t.num_rows, dtype=np.int64))
+                at += t.num_rows
+                for b in t.select([c for c in self.schema.names if c != "_loc"]).append_column("_loc", loc).to_batches():
+                    yield pa.RecordBatch.from_arrays(b.columns, schema=self.schema)
+
+        return pa.RecordBatchReader.from_batches(self.schema, batches())
+
+    def lineage(self, loc: np.ndarray) -> pa.ListArray:
+        """The `tiers` list of the rows at these locators: their tiers' records in tier order."""
+        ran = self.valid[loc]
+        offsets = np.zeros(len(loc) + 1, np.int32)
+        np.cumsum(ran.sum(axis=1), out=offsets[1:])
+        row, tier = np.nonzero(ran)                  # by row, then tier
+        values = self.records.take(pa.array(tier * self.rows + loc[row]))
+        return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def _write_part(store, rel: str, reader: pa.RecordBatchReader, start: int, end: int, job_id: str):
-    """Stream one part's sorted rows to Parquet, checking that their input positions run
-    start, start+1, ... end-1: no row missing, none twice."""
-    import numpy as np
+def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, start: int, end: int,
+                job_id: str):
+    """Stream one part's sorted rows to Parquet with their lineage, checking that their input
+    positions run start, start+1, ... end-1: no row missing, none twice."""
     import pyarrow.parquet as pq
 
     writer, seen = None, start
@@ -59,10 +88,11 @@ def _write_part(store, rel: str, reader: pa.RecordBatchReader, start: int, end: 
                                    if pos[i] < expect[i] else
                                    f"job {job_id}: input row {expect[i]} has no final row")
             seen += len(pos)
-            tiers = batch.column("tiers")
+            tiers = part.lineage(batch.column("tiers").to_numpy())    # the query's locators
             run = pa.ListArray.from_arrays(tiers.offsets, tiers.values.field("tier"))
             table = pa.Table.from_batches([batch]).drop_columns(["_row"])
-            table = table.add_column(table.column_names.index("tiers"), "tiers_run", run)
+            at = table.column_names.index("tiers")
+            table = table.set_column(at, "tiers", tiers).add_column(at, "tiers_run", run)
             if writer is None:
                 writer = pq.ParquetWriter(f, table.schema, compression="zstd")
             writer.write_table(table)
@@ -105,11 +135,13 @@ def write_results(job) -> int:
             picked = [spans[i][1] for i in np.flatnonzero((lo < end) & (hi >= start))]
             if not picked:
                 raise RuntimeError(f"job {job.id}: input rows {start}..{end - 1} have no final row")
-            con.register("unit_results", _unit_results(store, picked))
+            held = _Part(store, picked, len(job.spec.tiers))
+            con.register("unit_results", held.reader())
             con.execute("SET VARIABLE lo = ?", [start])
             con.execute("SET VARIABLE hi = ?", [end])
             _write_part(store, f"{tmp}/part-{part:05d}.parquet",
-                        con.sql(query).to_arrow_reader(16384), start, end, job.id)
+                        con.sql(query).to_arrow_reader(16384), held, start, end, job.id)
+            del held
             part += 1
             failpoints.hit("during_finalize")
     except BaseException:

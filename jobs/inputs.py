@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import fsspec
 import numpy as np
 import pyarrow as pa
@@ -28,6 +30,10 @@ from cascade.errors import CascadeError
 RESERVED = {"response", "final_tier", "final_tier_name", "tiers_run", "tiers", "status", "error",
             "cost", "seconds", "policy_version", "job_id", "trace", "next_tier", "kept_tier",
             "source_file", "audit", "_row", "_cost", "_seconds", "_response", "_status", "_error"}
+
+
+# A row's run on tier k is carried between tiers as the column _t<k> (jobs/units.py).
+LINEAGE_NAME = re.compile(r"_t[0-9]+")
 
 
 class InputError(CascadeError):
@@ -188,7 +194,7 @@ def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
     if rows == 0:
         raise InputError(f"{path}: has no rows")
     cols = schema.names
-    bad = sorted(RESERVED & set(cols))
+    bad = sorted((RESERVED & set(cols)) | {c for c in cols if LINEAGE_NAME.fullmatch(c)})
     if bad:
         raise InputError(f"{path}: column(s) {bad} are names the output uses; rename them")
     if "prompt" in cols:

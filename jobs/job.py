@@ -34,7 +34,7 @@ from jobs.decide import make_policy
 from jobs.inputs import InputReader
 from jobs.spec import JobSpec
 from jobs.storage import Store
-from jobs.units import RUNNING, TRACE_TYPE
+from jobs.units import RUNNING
 
 
 class Job:
@@ -172,15 +172,13 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
 
 def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, int]]]:
     """The input as routed shards of shard_rows rows, each row with its input position, the
-    tier it starts on, an empty lineage and zero running totals."""
+    tier it starts on and zero running totals (its lineage columns come with its tiers)."""
     n = job.spec.shard_rows
     shards, pos = [], 0
-    empty_trace = pa.array([[]] * n, TRACE_TYPE)
     for k, shard in enumerate(reader.shards(n)):
         shard = shard.append_column("_row", pa.array(np.arange(pos, pos + shard.num_rows, dtype=np.int64)))
         pos += shard.num_rows
         first = pa.array(job.policy.start(shard), pa.int32())
-        shard = shard.append_column("trace", empty_trace.slice(0, shard.num_rows))
         shard = shard.append_column("next_tier", first)
         shard = shard.append_column("kept_tier", pa.nulls(shard.num_rows, pa.int32()))
         for name, typ in RUNNING.items():

@@ -13,9 +13,11 @@ whose worker dies holding it is run again when its lease expires, and that count
 attempt too. After the last attempt the unit's rows become per-row errors with the reason, and
 the job goes on.
 
-Each row carries its lineage as `trace`, a list of one struct per tier run (TIER_STRUCT, the
-output's `tiers` column), appended column-wise: no row becomes a Python object on this path
-unless the policy is a calibrated artifact.
+Each row carries its lineage as one struct column per tier it ran on (`_t<k>`, TIER_STRUCT,
+null on rows that did not run tier k): a tier adds its own column and passes the earlier ones on
+untouched, so no tier copies the lineage it was given. Finalize assembles them into the output's
+`tiers` list. No row becomes a Python object on this path unless the policy is a calibrated
+artifact.
 """
 
 from __future__ import annotations
@@ -48,39 +50,27 @@ TIER_STRUCT = pa.struct([
     ("audit", pa.bool_()), ("seconds", pa.float64()), ("cost", pa.float64()),
     ("choice_prob", pa.float64()), ("choice_margin", pa.float64()),
 ])
-TRACE_TYPE = pa.list_(TIER_STRUCT)
 FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
 CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered without choices
 # Columns a row carries between tiers besides its input columns: its lineage, where it goes next,
 # whose answer it keeps, and running totals so that finalize need not walk the lineage.
 RUNNING = {"_cost": pa.float64(), "_seconds": pa.float64(), "_response": pa.string(),
            "_status": pa.string(), "_error": pa.string()}
-INTERNAL = ("trace", "next_tier", "kept_tier", *RUNNING)
+INTERNAL = ("next_tier", "kept_tier", *RUNNING)
+
+
+def tier_column(tier: int) -> str:
+    """The column holding a row's run on `tier`."""
+    return f"_t{tier}"
+
+
+def lineage(row: dict, tiers: int) -> list[dict]:
+    """A row's runs in tier order, from a row of a unit's table as a dict."""
+    return [r for k in range(tiers) if (r := row.get(f"_t{k}")) is not None]
 
 
 def _audit(row_id: str, tier: int, share: float) -> bool:
     return (zlib.crc32(f"{row_id}|{tier}".encode()) % 1_000_000) < share * 1_000_000
-
-
-def append_trace(trace: pa.ChunkedArray | pa.ListArray, new: pa.StructArray) -> pa.ListArray:
-    """Each row's list with one more element at its end, column-wise."""
-    if isinstance(trace, pa.ChunkedArray):
-        trace = trace.combine_chunks() if trace.num_chunks != 1 else trace.chunk(0)
-    offsets = np.asarray(trace.offsets, dtype=np.int64)
-    n, lo, hi = len(new), offsets[0], offsets[-1]
-    if hi == lo:                                   # every list empty (a row's first tier)
-        return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), new)
-    lengths = np.diff(offsets) + 1
-    new_offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(lengths, out=new_offsets[1:])
-    old_values = trace.values.slice(lo, hi - lo)
-    take = np.empty(new_offsets[-1], dtype=np.int64)
-    is_new = np.zeros(new_offsets[-1], dtype=bool)
-    is_new[new_offsets[1:] - 1] = True
-    take[~is_new] = np.arange(hi - lo)
-    take[is_new] = np.arange(hi - lo, hi - lo + n)
-    values = pa.concat_arrays([old_values, new]).take(pa.array(take))
-    return pa.ListArray.from_arrays(pa.array(new_offsets), values)
 
 
 def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
@@ -196,7 +186,7 @@ def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
     """Run one unit's rows on its tier: one batched engine call, features, policy decisions.
-    Returns the result table: the unit's rows with the trace extended by this tier, next_tier
+    Returns the result table: the unit's rows with this tier's run added (_t<tier>), next_tier
     (null: the row stops) and kept_tier. With `fail_reason`, no engine runs: every row gets
     that error (a unit out of attempts)."""
     spec = job.spec
@@ -307,7 +297,7 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         pa.array(seconds), pa.array(cost),
         *(pa.array(choice[f], mask=np.isnan(choice[f])) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
     cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
-    cols["trace"] = trace = append_trace(table.column("trace"), rec)
+    cols[tier_column(tier)] = rec
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
     cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
@@ -321,7 +311,7 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     if len(earlier):
         kept_response = kept_response.to_numpy(zero_copy_only=False).astype(object)
         for i in earlier:
-            kept_response[i] = next(x["response"] for x in trace[int(i)].as_py() if x["tier"] == kept[i])
+            kept_response[i] = table.column(tier_column(kept[i]))[int(i)]["response"].as_py()
         kept_response = pa.array(kept_response, pa.string())
     cols["_response"] = kept_response
     cols["_status"] = rec.field("status")

@@ -102,6 +102,7 @@ def test_messages_rendered_with_the_tier_chat_template(tmp_path):
     ("duplicate ids", pl.DataFrame({"id": ["x", "y", "x"], "prompt": ["a", "b", "c"]}), "duplicate id 'x'"),
     ("empty file", pl.DataFrame({"prompt": pl.Series([], dtype=pl.String)}), "has no rows"),
     ("reserved column", pl.DataFrame({"prompt": ["a"], "status": ["x"]}), "names the output uses"),
+    ("lineage column name", pl.DataFrame({"prompt": ["a"], "_t1": ["x"]}), "_t1"),
 ])
 def test_bad_input_is_rejected_at_submit_naming_the_file(tmp_path, case, frame, needle):
     path = tmp_path / "bad.parquet"
