@@ -12,6 +12,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.inputs import LINEAGE_NAME
+
 
 
 class StaleCut(RuntimeError):
@@ -29,6 +31,8 @@ def materialize(job, unit: dict, state) -> bool:
     parts = []
     for src in unit["sources"]:
         t = store.read_arrow(source_file(src))
+        if not job.policy.needs_lineage:      # earlier runs stay in their results for finalize
+            t = t.drop_columns([c for c in t.column_names if LINEAGE_NAME.fullmatch(c)])
         parts.append(t.filter(pc.equal(t.column("next_tier"), tier)))
     table = pa.concat_tables(parts, promote_options="permissive")
     # The cut belongs to the state epoch in its id; after a reload (Redis restarted empty, or

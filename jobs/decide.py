@@ -21,14 +21,16 @@ from jobs.spec import JobSpec
 
 
 class RulePolicy:
+    needs_lineage = False       # judges the current tier's answer alone
+
     def __init__(self, spec: JobSpec):
         self.n = len(spec.tiers)
         self.feature = spec.policy.feature
         self.thresholds = spec.policy.thresholds
 
-    def start(self, shard) -> list[int]:
+    def start(self, shard) -> np.ndarray:
         """Starting tier of each row of a shard (a pyarrow Table): always tier 0."""
-        return [0] * shard.num_rows
+        return np.zeros(shard.num_rows, np.int32)
 
     def decide(self, tier: int, rows, current: dict):
         n = rows.num_rows
@@ -41,6 +43,8 @@ class RulePolicy:
 
 class ArtifactPolicy:
     """Adapter from job rows to the calibrated policy (cascade.runtime.Policy)."""
+
+    needs_lineage = True        # judges on every tier a row ran: rows carry their earlier runs
 
     def __init__(self, spec: JobSpec):
         from cascade.artifact import load_policy

@@ -31,44 +31,46 @@ SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
 
 
 class _Part:
-    """The unit results whose final rows fall in one part, held for the part: their columns but
-    the lineage as one stream for DuckDB, each row with a locator (_loc, its position in the
-    part's rows), and every tier's lineage column end to end, which `lineage` gathers by
-    locator. The lineage is most of a row's bytes; it does not go through DuckDB, whose
-    conversion of nested columns in and out cost more than the rest of finalize."""
+    """The unit results with rows in one part's input positions [start, end), held for the
+    part. DuckDB gets their columns but the lineage, as one stream; each tier's run of a row is
+    in that tier's result (column _t<tier>), and `lineage` gathers a row's runs, in tier order,
+    into the output's `tiers` list. The lineage is most of a row's bytes and does not go through
+    DuckDB, whose conversion of nested columns in and out cost more than the rest of finalize."""
 
-    def __init__(self, store, files: list[str], tiers: int):
-        from jobs.units import TIER_STRUCT, tier_column
+    def __init__(self, store, files: list[str], start: int, end: int):
+        from jobs.inputs import LINEAGE_NAME
+        from jobs.units import tier_column
 
-        names = [tier_column(k) for k in range(tiers)]
         self.tables = [store.read_arrow(f) for f in files]
-        self.rows = sum(t.num_rows for t in self.tables)
-        chunks = [c for k in names for t in self.tables
-                  for c in (t.column(k).chunks if k in t.column_names else [pa.nulls(t.num_rows, TIER_STRUCT)])]
-        self.records = pa.concat_arrays(chunks)       # tier-major: tier k's rows at k * self.rows
-        self.valid = self.records.is_valid().to_numpy(zero_copy_only=False).reshape(tiers, self.rows).T
+        tiers = [int(f.split("/")[1]) for f in files]               # tiers/<tier>/<unit>.arrow
+        pos = np.concatenate([t.column("_row").to_numpy() for t in self.tables])
+        tier = np.repeat(np.asarray(tiers, np.int64), [t.num_rows for t in self.tables])
+        self.records = pa.concat_arrays([c for t, k in zip(self.tables, tiers)
+                                         for c in t.column(tier_column(k)).chunks])
+        inside = np.flatnonzero((pos >= start) & (pos < end))
+        self.order = inside[np.lexsort((tier[inside], pos[inside]))]    # by position, then tier
+        self.offsets = np.zeros(end - start + 1, np.int64)
+        np.cumsum(np.bincount(pos[inside] - start, minlength=end - start), out=self.offsets[1:])
+        self.start = start
         first = self.tables[0].schema.remove_metadata()
-        self.schema = pa.schema([f for f in first if f.name not in names] + [pa.field("_loc", pa.int64())])
+        self.schema = pa.schema([f for f in first if not LINEAGE_NAME.fullmatch(f.name)])
 
     def reader(self) -> pa.RecordBatchReader:
+        names = self.schema.names
+
         def batches():
-            at = 0
             for t in self.tables:
-                loc = pa.array(np.arange(at, at + t.num_rows, dtype=np.int64))
-                at += t.num_rows
-                for b in t.select([c for c in self.schema.names if c != "_loc"]).append_column("_loc", loc).to_batches():
+                for b in t.select(names).to_batches():
                     yield pa.RecordBatch.from_arrays(b.columns, schema=self.schema)
 
         return pa.RecordBatchReader.from_batches(self.schema, batches())
 
-    def lineage(self, loc: np.ndarray) -> pa.ListArray:
-        """The `tiers` list of the rows at these locators: their tiers' records in tier order."""
-        ran = self.valid[loc]
-        offsets = np.zeros(len(loc) + 1, np.int32)
-        np.cumsum(ran.sum(axis=1), out=offsets[1:])
-        row, tier = np.nonzero(ran)                  # by row, then tier
-        values = self.records.take(pa.array(tier * self.rows + loc[row]))
-        return pa.ListArray.from_arrays(pa.array(offsets), values)
+    def lineage(self, lo: int, hi: int) -> pa.ListArray:
+        """The `tiers` lists of input positions lo..hi-1: each row's runs in tier order."""
+        a, b = lo - self.start, hi - self.start
+        values = self.records.take(pa.array(self.order[self.offsets[a]:self.offsets[b]]))
+        return pa.ListArray.from_arrays(pa.array((self.offsets[a:b + 1] - self.offsets[a]).astype(np.int32)),
+                                        values)
 
 
 def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, start: int, end: int,
@@ -87,8 +89,10 @@ def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, star
                 raise RuntimeError(f"job {job_id}: input row {pos[i]} has more than one final row"
                                    if pos[i] < expect[i] else
                                    f"job {job_id}: input row {expect[i]} has no final row")
+            if not len(pos):
+                continue
             seen += len(pos)
-            tiers = part.lineage(batch.column("tiers").to_numpy())    # the query's locators
+            tiers = part.lineage(int(pos[0]), int(pos[-1]) + 1)
             run = pa.ListArray.from_arrays(tiers.offsets, tiers.values.field("tier"))
             table = pa.Table.from_batches([batch]).drop_columns(["_row"])
             at = table.column_names.index("tiers")
@@ -107,8 +111,8 @@ def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, star
 
 def write_results(job) -> int:
     """Write results/part-*.parquet: exactly one row per input row, in input order. Part by
-    part: each covers a range of input positions and reads only the unit results whose final
-    rows fall in it (their span is in each result's metadata), so memory is bounded by a part,
+    part: each covers a range of input positions and reads only the unit results with rows in
+    it (their span is in each result's metadata), so memory is bounded by a part,
     not by the job. Checked as it goes: the positions in each part must run without a gap or a
     repeat. Returns the number of parts."""
     import duckdb
@@ -116,7 +120,7 @@ def write_results(job) -> int:
 
     store = job.store
     files = store.glob("tiers/*/*.arrow")
-    spans = [(m["final_span"], f) for f in files if (m := store.arrow_meta(f)).get("final_span")]
+    spans = [(m["span"], f) for f in files if (m := store.arrow_meta(f)).get("span")]
     lo = np.array([s[0][0] for s in spans], dtype=np.int64)
     hi = np.array([s[0][1] for s in spans], dtype=np.int64)
     spill = tempfile.TemporaryDirectory(prefix="cascade-finalize-")
@@ -135,7 +139,7 @@ def write_results(job) -> int:
             picked = [spans[i][1] for i in np.flatnonzero((lo < end) & (hi >= start))]
             if not picked:
                 raise RuntimeError(f"job {job.id}: input rows {start}..{end - 1} have no final row")
-            held = _Part(store, picked, len(job.spec.tiers))
+            held = _Part(store, picked, start, end)
             con.register("unit_results", held.reader())
             con.execute("SET VARIABLE lo = ?", [start])
             con.execute("SET VARIABLE hi = ?", [end])

@@ -175,17 +175,21 @@ def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, in
     tier it starts on and zero running totals (its lineage columns come with its tiers)."""
     n = job.spec.shard_rows
     shards, pos = [], 0
+    # The columns every shard starts with the same, built once and sliced per shard.
+    fixed = {"kept_tier": pa.nulls(n, pa.int32()),
+             **{name: pa.array(np.zeros(n)) if typ == pa.float64() else pa.nulls(n, typ)
+                for name, typ in RUNNING.items()}}
     for k, shard in enumerate(reader.shards(n)):
-        shard = shard.append_column("_row", pa.array(np.arange(pos, pos + shard.num_rows, dtype=np.int64)))
-        pos += shard.num_rows
-        first = pa.array(job.policy.start(shard), pa.int32())
-        shard = shard.append_column("next_tier", first)
-        shard = shard.append_column("kept_tier", pa.nulls(shard.num_rows, pa.int32()))
-        for name, typ in RUNNING.items():
-            shard = shard.append_column(name, pa.array(np.zeros(shard.num_rows)) if typ == pa.float64()
-                                        else pa.nulls(shard.num_rows, typ))
+        m = shard.num_rows
+        first = np.asarray(job.policy.start(shard), np.int32)
+        shard = pa.Table.from_arrays(
+            [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), pa.array(first),
+             *(c.slice(0, m) for c in fixed.values())],
+            names=[*shard.column_names, "_row", "next_tier", *fixed])
+        pos += m
         sid = f"s{k:05d}"
-        targets = targets_of(first)
+        tiers, counts = np.unique(first, return_counts=True)
+        targets = dict(zip(tiers.tolist(), counts.tolist()))
         job.store.write_arrow(source_file(sid), shard, {"targets": targets})
         shards.append((sid, targets))
     return shards

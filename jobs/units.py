@@ -13,10 +13,11 @@ whose worker dies holding it is run again when its lease expires, and that count
 attempt too. After the last attempt the unit's rows become per-row errors with the reason, and
 the job goes on.
 
-Each row carries its lineage as one struct column per tier it ran on (`_t<k>`, TIER_STRUCT,
-null on rows that did not run tier k): a tier adds its own column and passes the earlier ones on
-untouched, so no tier copies the lineage it was given. Finalize assembles them into the output's
-`tiers` list. No row becomes a Python object on this path unless the policy is a calibrated
+A tier's run of a row is one struct (TIER_STRUCT), kept in the unit's result as the column
+`_t<tier>`; finalize gathers each row's runs from every tier's results into the output's `tiers`
+list. Rows go on to the next tier without their earlier runs unless the policy judges on them
+(a calibrated artifact: `needs_lineage`), so a tier neither copies nor rewrites what earlier
+tiers recorded. No row becomes a Python object on this path unless the policy is a calibrated
 artifact.
 """
 
@@ -410,13 +411,12 @@ def write_result(job, unit_id: str, tier: int, table: pa.Table) -> dict[int, int
     was committed first by someone else."""
     from jobs.job import result_file, targets_of
 
-    nxt = table.column("next_tier")
-    targets = targets_of(nxt)
-    stops = table.column("_row").to_numpy()[nxt.is_null().to_numpy(zero_copy_only=False)]
-    span = [int(stops.min()), int(stops.max())] if len(stops) else None   # for finalize
+    targets = targets_of(table.column("next_tier"))
+    pos = table.column("_row").to_numpy()
+    span = [int(pos.min()), int(pos.max())] if len(pos) else None   # for finalize
     ok = job.store.write_arrow(result_file(unit_id, tier), table,
                                {"unit": unit_id, "rows": table.num_rows, "targets": targets,
-                                "final_span": span}, once=True)
+                                "span": span}, once=True)
     return targets if ok else None
 
 

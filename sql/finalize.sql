@@ -1,13 +1,13 @@
 -- finalize: a job's final rows from its units' results: the terminal row of every input row (the
 -- one with no next tier), with its lineage, in input order.
--- Input: the relation `unit_results`: the tiers/K/UNIT.arrow files of the job whose final rows
+-- Input: the relation `unit_results`: the tiers/K/UNIT.arrow files of the job with rows that
 -- fall in the input positions [lo, hi), which jobs/finalize.py streams in as one Arrow stream
 -- (the duckdb CLI reads no Arrow IPC files), one output part at a time; and the variables lo,
 -- hi, tier_names, policy_version, job_id. Rows carry running totals (_cost, _seconds), the kept
 -- answer (_response) and the last tier's status, so nothing here walks the lineage. The lineage
--- (one struct column per tier in the units' files) is the widest part of a row and does not go
--- through DuckDB: each row comes with a locator, _loc, and finalize gathers the row's records
--- into the list `tiers`, in tier order, at the place this query gives it.
+-- (each tier's run of a row, in that tier's results) is the widest part of a row and does not
+-- go through DuckDB: finalize gathers each row's runs, by input position, into the list `tiers`
+-- at the place this query gives it.
 -- Columns: the result schema in README.md but tiers_run (jobs/finalize.py derives it from
 -- tiers without a copy): id, prompt, response, final_tier, final_tier_name, tiers, status,
 -- error, cost, seconds, policy_version, job_id, input columns, source_file; and _row (the input
@@ -16,14 +16,14 @@ SELECT id, prompt,
        _response AS response,
        kept_tier AS final_tier,
        getvariable('tier_names')[kept_tier + 1] AS final_tier_name,
-       _loc AS tiers,         -- the row's locator: finalize puts its lineage here (see below)
+       NULL AS tiers,         -- finalize puts the row's lineage here (see above)
        _status AS status,
        _error AS error,
        _cost AS cost,
        _seconds AS seconds,
        getvariable('policy_version') AS policy_version,
        getvariable('job_id') AS job_id,
-       * EXCLUDE (id, prompt, next_tier, kept_tier, source_file, _row, _loc, _cost, _seconds,
+       * EXCLUDE (id, prompt, next_tier, kept_tier, source_file, _row, _cost, _seconds,
                   _response, _status, _error),
        source_file,
        _row

@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -64,6 +65,12 @@ def test_every_row_once_with_lineage_and_coalesced_batches(tmp_path):
         assert last["decision"] == "stop" and (last["first_logprob"] >= -0.5 or last["tier"] == 2)
         assert r["final_tier"] == last["tier"] and r["response"] == last["response"]
         assert r["cost"] == pytest.approx(sum(t["cost"] for t in tiers))
+    # Each tier's results hold that tier's runs only (a rule judges the current answer alone,
+    # so rows go on without their earlier runs); finalize gathered the lineage above from all.
+    for k in range(3):
+        files = list((Path(job.dir) / "tiers" / str(k)).glob("*.arrow"))
+        assert files and all([c for c in pa.ipc.open_file(f).schema.names if c.startswith("_t")] == [f"_t{k}"]
+                             for f in files)
     # tier 0 runs shard by shard; later tiers get coalesced batches of >= batch_rows but the last
     by_tier = {}
     for name, n in calls:
