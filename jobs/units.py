@@ -159,11 +159,8 @@ def _choices(table: pa.Table, default: list[str] | None) -> list | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _vocabulary(words: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A small vocabulary's bytes end to end, and each word's length and start in them."""
-    raw = [w.encode() for w in words]
-    lengths = np.array([len(r) for r in raw], np.int64)
-    return np.frombuffer(b"".join(raw), np.uint8), lengths, np.cumsum(lengths) - lengths
+def _vocabulary(words: tuple[str, ...]) -> pa.StringArray:
+    return pa.array(words, pa.string())
 
 
 @functools.lru_cache(maxsize=64)
@@ -172,17 +169,12 @@ def _constant(word: str) -> pa.StringArray:
 
 
 def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
-    """The string array of words[codes[i]], built in numpy: an Arrow take of a small dictionary
-    costs several times more at a unit's size (and one word repeated is a slice)."""
+    """The string array of words[codes[i]]: one word repeated is a slice of a cached array
+    (the common case: every row's status, its tier's name), others a take."""
     n = len(codes)
     if n and (codes == codes[0]).all():
         return _constant(words[codes[0]]).slice(0, n) if n <= 4096 else pa.repeat(words[codes[0]], n)
-    data, lengths, starts = _vocabulary(words)
-    lens = lengths[codes]
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    pos = np.arange(offsets[-1]) + np.repeat(starts[codes] - offsets[:-1], lens)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data[pos]))
+    return _vocabulary(words).take(pa.array(codes))
 
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
