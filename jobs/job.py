@@ -7,7 +7,9 @@ Job directory (local path or fsspec URL); the files are the durable truth of the
     routed/s00000.arrow         input shards, each row with the tier it starts on (metadata:
                                 rows per starting tier)
     work/t1/UNIT.arrow          input of a coalesced unit on tier 1 (metadata: its sources)
-    tiers/0/UNIT.arrow          the committed result of a unit (metadata: rows escalated per tier)
+    tiers/0/UNIT.arrow          the committed result of a unit: its rows with their run on that
+                                tier as column _t0 (metadata: rows escalated per tier, the span
+                                of its input positions)
     results/part-00000.parquet  final rows, exactly one per input row, in input order
     finished.json               written after results/: the job is done (with its final status)
     cancelled                   present while the job is cancelled
@@ -37,6 +39,11 @@ from jobs.storage import Store
 from jobs.units import RUNNING
 
 
+# The layout of a job directory's unit files. A directory of another layout (written by another
+# version of cascade) is refused with a clear error rather than misread.
+LAYOUT = 2
+
+
 class Job:
     """A job directory opened for reading or running."""
 
@@ -46,6 +53,10 @@ class Job:
         if not self.store.exists("job.json"):
             raise FileNotFoundError(f"{job_dir}: not a job directory (no job.json)")
         meta = self.store.read_json("job.json")
+        if meta.get("layout", 1) != LAYOUT:
+            raise ValueError(f"{job_dir}: its unit files have layout {meta.get('layout', 1)}, written by "
+                             f"another version of cascade (this one reads layout {LAYOUT}); run the "
+                             f"job again with --overwrite")
         self.meta = meta
         self.id = meta["job_id"]
         self.broker = meta.get("broker")
@@ -148,14 +159,18 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
         if not overwrite:
             raise FileExistsError(f"{spec.output}: a job already lives here; `cascade resume` it, or "
                                   f"pass --overwrite to start again")
-        old = Job(spec.output)
-        live = recovery.live_state(old)
+        try:
+            old = Job(spec.output)
+        except ValueError:        # another version's layout: its state is not this version's
+            old = None
+        live = recovery.live_state(old) if old is not None else None
         if live is not None:
             live.delete()
         store.remove("")
     store.makedirs()
     job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-    store.write_json("job.json", {"job_id": job_id, "spec": spec.to_dict(), "broker": broker,
+    store.write_json("job.json", {"job_id": job_id, "layout": LAYOUT, "spec": spec.to_dict(),
+                                  "broker": broker,
                                   "created": time.time(), "rows": reader.rows,
                                   "policy_version": spec.policy.version(),
                                   "columns": reader.schema.names})

@@ -142,6 +142,22 @@ def test_directory_and_glob_inputs_get_stable_ids(tmp_path):
         assert out["id"].to_list() == [f"a:{i}" for i in range(5)] + [f"b:{i}" for i in range(4)]
 
 
+def test_a_job_directory_of_another_layout_is_refused_and_can_be_overwritten(tmp_path):
+    """A job written by another version (its unit files laid out differently) is not misread:
+    opening it names the layout and the way out; --overwrite starts it again."""
+    from jobs.job import open_job
+
+    spec = make_spec(tmp_path, write_input(tmp_path / "in.parquet", 10))
+    job = run_embedded(spec, engine_factory=scripted_factory())
+    meta = json.loads((Path(job.dir) / "job.json").read_text())
+    del meta["layout"]                                       # as the versions before it wrote it
+    (Path(job.dir) / "job.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="layout 1, written by another version.*--overwrite"):
+        open_job(job.dir, meta["job_id"] + "-again")
+    again = run_embedded(spec, engine_factory=scripted_factory(), overwrite=True)
+    assert results(again.dir).height == 10
+
+
 @pytest.mark.parametrize("patch,needle", [
     ({"tiers": []}, "tiers: must be a non-empty list"),
     ({"tiers": [{"name": "a"}]}, r"tiers\[0\].model: is required"),
