@@ -9,7 +9,7 @@ waited for it: which of the two bounds the run.
 
     .venv/bin/python bench/orchestration_bench.py [--rows 100000] [--shard 256]
     .venv/bin/python bench/orchestration_bench.py --rows 100000 --rows 1000000   # both, compared
-    .venv/bin/python bench/orchestration_bench.py --profile      # where the time goes, per unit
+    .venv/bin/python bench/orchestration_bench.py --profile      # where the time goes, per stage
 
 Each size runs in a fresh process, so peak RSS is that size's own.
 """
@@ -95,39 +95,64 @@ def one(work: Path, rows: int, shard: int) -> dict:
             "files_per_group": round(writer["files"] / max(writer["groups"], 1), 2)}
 
 
-def profile(rows: int, shard: int):
-    """Where the time goes (cProfile, which slows Python-heavy parts more than I/O): cumulative
-    seconds of the job's stages, and per unit."""
-    import cProfile
-    import pstats
+def machine_speed() -> float:
+    """Seconds a fixed pure-Python loop takes: this VM's speed drifts by tens of percent between
+    runs and days, so figures from different runs compare only through it (or alternated A/B)."""
+    t, total = time.perf_counter(), 0
+    for i in range(3_000_000):
+        total += i
+    return time.perf_counter() - t
 
+
+def profile(rows: int, shard: int):
+    """Where the time goes: wall seconds in each stage of the job (timers around the functions,
+    which distort far less than a profiler), in total and per call, in one process."""
+    import collections
+    import functools
+
+    from jobs import coalesce, finalize, job, storage, units
+    from tests import doubles
+
+    spent, calls = collections.Counter(), collections.Counter()
+
+    def timed(owner, name, label):
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                spent[label] += time.perf_counter() - t
+                calls[label] += 1
+
+        setattr(owner, name, wrapper)
+
+    stages = [  # (owner, function, label), nested stages indented
+        (job, "submit", "submit (read and check input, write shards)"),
+        (units, "execute", "execute (read, engine, features, decisions, result table)"),
+        (doubles.ScriptedEngine, "generate", "  the scripted engine double's generate"),
+        (doubles.ScriptedEngine, "count_tokens", "  the scripted engine double's count_tokens"),
+        (units, "write_result", "write_result (Arrow IPC, handed to the writer)"),
+        (coalesce, "materialize", "materialize a cut unit (gather its rows, write)"),
+        (finalize, "write_results", "finalize"),
+        (storage.Store, "write_arrow", "every Arrow IPC write"),
+        (storage.Store, "read_arrow", "every Arrow IPC read"),
+    ]
+    for owner, name, label in stages:
+        timed(owner, name, label)
     work = make_input(rows)
-    prof = cProfile.Profile()
     try:
-        r = prof.runcall(one, work, rows, shard)
+        r = one(work, rows, shard)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    st = pstats.Stats(prof)
-    stages = {  # (file suffix, function) -> label
-        ("jobs/units.py", "run_unit"): "units, all of it",
-        ("jobs/units.py", "execute"): "  execute (read, checks, engine, features, decisions, lineage)",
-        ("tests/doubles.py", "generate"): "    the scripted engine double's generate",
-        ("jobs/units.py", "write_result"): "  write_result (Arrow IPC, handed to the writer)",
-        ("jobs/coalesce.py", "materialize"): "  materialize cut units (read sources, write)",
-        ("jobs/storage.py", "read_arrow"): "  every Arrow IPC read",
-        ("jobs/job.py", "submit"): "submit (read and check input, write shards)",
-        ("jobs/finalize.py", "write_results"): "finalize",
-    }
-    found = {}
-    for (file, _, func), (_, _, _, cum, _) in st.stats.items():
-        for (suffix, name), label in stages.items():
-            if file.endswith(suffix) and func == name:
-                found[label] = found.get(label, 0.0) + cum
-    units = r["units"]
-    print(f"{rows:,} rows, {units:,} units, profiled total {r['seconds']:.1f} s:")
-    for label in stages.values():
-        if label in found:
-            print(f"  {label:<66} {found[label]:6.2f} s  {1e3 * found[label] / units:6.2f} ms/unit")
+    print(f"{rows:,} rows, {r['units']:,} units: {r['seconds']:.2f} s, main-thread CPU {r['main_cpu_s']} s; "
+          f"a 3M-step Python loop takes {machine_speed():.2f} s on this machine now")
+    for _, _, label in stages:
+        if calls[label]:
+            print(f"  {label:<62} {spent[label]:6.2f} s  {calls[label]:6,} calls  "
+                  f"{1e3 * spent[label] / calls[label]:8.3f} ms each")
 
 
 def main():
@@ -135,7 +160,7 @@ def main():
     ap.add_argument("--rows", type=int, action="append")
     ap.add_argument("--shard", type=int, default=256)
     ap.add_argument("--profile", action="store_true",
-                    help="profile one size (cProfile) and print where the time goes, per unit")
+                    help="time the stages of one size and print where the time goes, per call")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = args.rows or [100_000]
@@ -145,6 +170,7 @@ def main():
     if args.profile:
         profile(sizes[0], args.shard)
         return
+    print(f"this machine: a 3M-step Python loop takes {machine_speed():.2f} s")
     results = []
     for rows in sizes:
         work = make_input(rows)
