@@ -42,6 +42,11 @@ def make_input(rows: int) -> Path:
     return work
 
 
+def _rss_mib() -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+
+
 def one(work: Path, rows: int, shard: int) -> dict:
     from jobs import finalize, storage
     from jobs.executor import run_embedded
@@ -59,6 +64,7 @@ def one(work: Path, rows: int, shard: int) -> dict:
 
     def timed(job):
         t = time.perf_counter()
+        spent["rss_before_finalize"] = _rss_mib()
         try:
             return original(job)
         finally:
@@ -87,6 +93,7 @@ def one(work: Path, rows: int, shard: int) -> dict:
             "rows_per_s": round(rows / total), "finalize_s": round(spent["finalize"], 2),
             "us_per_row": round(1e6 * total / rows, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "rss_before_finalize_mib": spent["rss_before_finalize"],
             "state_bytes_per_unit": round(state_bytes / units),
             "state_bytes_per_row": round(state_bytes / rows, 1),
             "rows_per_tier": [t["rows_done"] for t in status["tiers"]], "job": job.id,
@@ -184,8 +191,8 @@ def main():
         results.append(r)
         print(f"{r['rows']:>9,} rows, shard {r['shard']}, {r['units']:,} units: {r['seconds']:.1f} s "
               f"= {r['rows_per_s']:,} rows/s ({r['us_per_row']} us/row), finalize {r['finalize_s']} s, "
-              f"peak RSS {r['peak_rss_mib']} MiB, job state written {r['state_bytes_per_unit']:,} "
-              f"bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}; "
+              f"peak RSS {r['peak_rss_mib']} MiB ({r['rss_before_finalize_mib']} MiB before finalize), "
+              f"job state written {r['state_bytes_per_unit']:,} bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}; "
               f"main thread CPU {r['main_cpu_s']} s; background writer busy {r['writer_busy_s']} s "
               f"({r['files_per_group']} files per sync), units waited {r['writer_waited_s']} s for it")
     if len(results) > 1:
