@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 from jobs.inputs import LINEAGE_NAME
 
 
-
 class StaleCut(RuntimeError):
     """The state was reloaded since this unit was cut: another cut owns its rows now."""
 

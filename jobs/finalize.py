@@ -116,7 +116,6 @@ def write_results(job) -> int:
     not by the job. Checked as it goes: the positions in each part must run without a gap or a
     repeat. Returns the number of parts."""
     import duckdb
-    import numpy as np
 
     store = job.store
     files = store.glob("tiers/*/*.arrow")

@@ -16,7 +16,6 @@ job and come out with status `error` and a reason.
 from __future__ import annotations
 
 import json
-
 import re
 
 import fsspec

@@ -53,8 +53,9 @@ TIER_STRUCT = pa.struct([
 ])
 FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
 CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered without choices
-# Columns a row carries between tiers besides its input columns: its lineage, where it goes next,
-# whose answer it keeps, and running totals so that finalize need not walk the lineage.
+# Columns a row carries between tiers besides its input columns (and its earlier runs, for a
+# policy that needs them): where it goes next, whose answer it keeps, and running totals so that
+# finalize need not walk the lineage.
 RUNNING = {"_cost": pa.float64(), "_seconds": pa.float64(), "_response": pa.string(),
            "_status": pa.string(), "_error": pa.string()}
 INTERNAL = ("next_tier", "kept_tier", *RUNNING)
@@ -296,7 +297,8 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
     cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + seconds)
     # The answer each row keeps: this tier's where it keeps this tier's; an earlier tier's
-    # where it stops here keeping that one (looked up in its lineage: rare); else unchanged.
+    # where it stops here keeping that one (looked up in its lineage, which a policy that keeps
+    # earlier answers has carried along: rare); else unchanged.
     mine = is_ok & (kept == tier)
     kept_response = (response if mine.all() else
                      pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks()))
