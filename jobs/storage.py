@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 META_KEY = b"cascade"
+# Unit files are small and uncompressed: a thread pool per write costs more than it saves.
+_IPC_OPTIONS = ipc.IpcWriteOptions(use_threads=False)
 
 
 class WriteBehind:
@@ -379,7 +381,7 @@ class Store:
         """An Arrow IPC file, with `meta` as JSON in the schema metadata."""
         schema = table.schema.with_metadata({META_KEY: json.dumps(meta or {}).encode()})
         sink = pa.BufferOutputStream()
-        with ipc.new_file(sink, schema) as w:
+        with ipc.new_file(sink, schema, options=_IPC_OPTIONS) as w:
             w.write_table(table)
         data = sink.getvalue()
         ok = self.write_bytes(rel, data, once=once)

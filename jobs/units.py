@@ -169,6 +169,12 @@ def _constant(word: str) -> pa.StringArray:
     return pa.repeat(word, 4096).cast(pa.string())
 
 
+def _floats(values: np.ndarray) -> pa.Array:
+    """Floats with NaN as null."""
+    missing = np.isnan(values)
+    return pa.nulls(len(values), pa.float64()) if missing.all() else pa.array(values, mask=missing)
+
+
 def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
     """The string array of words[codes[i]]: one word repeated is a slice of a cached array
     (the common case: every row's status, its tier's name), others a take."""
@@ -231,7 +237,9 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     is_ok[idx] = True
     texts = gens.text
     response = pa.array(texts, pa.string())
-    finish = pa.array(gens.finish_reason, pa.string())
+    reasons = gens.finish_reason
+    finish = (_constant(reasons[0]).slice(0, len(reasons)) if 0 < len(reasons) <= 4096
+              and reasons.count(reasons[0]) == len(reasons) else pa.array(reasons, pa.string()))
     if not every:                             # spread over all rows, nulls where none ran
         spread = pa.array(np.where(is_ok, np.cumsum(is_ok) - 1, -1), pa.int64(), mask=~is_ok)
         response, finish = response.take(spread), finish.take(spread)
@@ -286,11 +294,11 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
         pa.nulls(n, pa.string()) if no_error else pa.array(errors, pa.string()), response,
         finish, pa.array(ptok), pa.array(otok),
         pa.array(feats["first_logprob"]), pa.array(feats["mean_logprob"]),
-        pa.array(feats["min_logprob"]), pa.array(p_quality, mask=np.isnan(p_quality)),
+        pa.array(feats["min_logprob"]), _floats(p_quality),
         _words(decisions, code + 1), pa.array(audit),
         pa.array(seconds), pa.array(cost),
-        *(pa.array(choice[f], mask=np.isnan(choice[f])) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
-    cols = {c: table.column(c) for c in table.column_names if c not in INTERNAL}
+        *(_floats(choice[f]) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
+    cols = {c: col for c, col in zip(table.column_names, table.columns) if c not in INTERNAL}
     cols[tier_column(tier)] = rec
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
@@ -300,9 +308,11 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     # where it stops here keeping that one (looked up in its lineage, which a policy that keeps
     # earlier answers has carried along: rare); else unchanged.
     mine = is_ok & (kept == tier)
-    kept_response = (response if mine.all() else
-                     pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks()))
-    earlier = np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier))
+    if mine.all():                            # the common case
+        kept_response, earlier = response, ()
+    else:
+        kept_response = pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks())
+        earlier = np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier))
     if len(earlier):
         kept_response = kept_response.to_numpy(zero_copy_only=False).astype(object)
         for i in earlier:
