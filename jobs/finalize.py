@@ -39,10 +39,11 @@ class _Part:
 
     def __init__(self, store, files: list[str], start: int, end: int):
         from jobs.inputs import LINEAGE_NAME
+        from jobs.job import result_tier
         from jobs.units import tier_column
 
         self.tables = [store.read_arrow(f) for f in files]
-        tiers = [int(f.split("/")[1]) for f in files]               # tiers/<tier>/<unit>.arrow
+        tiers = [result_tier(f) for f in files]
         pos = np.concatenate([t.column("_row").to_numpy() for t in self.tables])
         tier = np.repeat(np.asarray(tiers, np.int64), [t.num_rows for t in self.tables])
         self.records = pa.concat_arrays([c for t, k in zip(self.tables, tiers)

@@ -139,6 +139,11 @@ def result_file(uid: str, tier: int) -> str:
     return f"tiers/{tier}/{uid}.arrow"
 
 
+def result_tier(rel: str) -> int:
+    """The tier of a result file (result_file's path)."""
+    return int(rel.split("/")[1])
+
+
 def targets_of(next_tier: pa.Array) -> dict[int, int]:
     """Rows per next tier, from a next_tier column (nulls: rows that stop)."""
     vc = pc.value_counts(next_tier.drop_null())
@@ -196,15 +201,14 @@ def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, in
                 for name, typ in RUNNING.items()}}
     for k, shard in enumerate(reader.shards(n)):
         m = shard.num_rows
-        first = np.asarray(job.policy.start(shard), np.int32)
+        first = pa.array(np.asarray(job.policy.start(shard), np.int32))
         shard = pa.Table.from_arrays(
-            [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), pa.array(first),
+            [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), first,
              *(c.slice(0, m) for c in fixed.values())],
             names=[*shard.column_names, "_row", "next_tier", *fixed])
         pos += m
         sid = f"s{k:05d}"
-        tiers, counts = np.unique(first, return_counts=True)
-        targets = dict(zip(tiers.tolist(), counts.tolist()))
+        targets = targets_of(first)
         job.store.write_arrow(source_file(sid), shard, {"targets": targets})
         shards.append((sid, targets))
     return shards

@@ -68,7 +68,7 @@ def tier_column(tier: int) -> str:
 
 def lineage(row: dict, tiers: int) -> list[dict]:
     """A row's runs in tier order, from a row of a unit's table as a dict."""
-    return [r for k in range(tiers) if (r := row.get(f"_t{k}")) is not None]
+    return [r for k in range(tiers) if (r := row.get(tier_column(k))) is not None]
 
 
 def _audit(row_id: str, tier: int, share: float) -> bool:
@@ -169,6 +169,11 @@ def _constant(word: str) -> pa.StringArray:
     return pa.repeat(word, 4096).cast(pa.string())
 
 
+def _repeated(word: str, n: int) -> pa.StringArray:
+    """`word` n times: a slice of a cached array (one unit's worth of rows at most)."""
+    return _constant(word).slice(0, n) if n <= 4096 else pa.repeat(word, n).cast(pa.string())
+
+
 def _floats(values: np.ndarray) -> pa.Array:
     """Floats with NaN as null."""
     missing = np.isnan(values)
@@ -176,11 +181,10 @@ def _floats(values: np.ndarray) -> pa.Array:
 
 
 def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
-    """The string array of words[codes[i]]: one word repeated is a slice of a cached array
-    (the common case: every row's status, its tier's name), others a take."""
-    n = len(codes)
-    if n and (codes == codes[0]).all():
-        return _constant(words[codes[0]]).slice(0, n) if n <= 4096 else pa.repeat(words[codes[0]], n)
+    """The string array of words[codes[i]]: one word repeated (the common case: every row's
+    status) is a slice of a cached array, others a take."""
+    if len(codes) and (codes == codes[0]).all():
+        return _repeated(words[codes[0]], len(codes))
     return _vocabulary(words).take(pa.array(codes))
 
 
@@ -238,8 +242,8 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     texts = gens.text
     response = pa.array(texts, pa.string())
     reasons = gens.finish_reason
-    finish = (_constant(reasons[0]).slice(0, len(reasons)) if 0 < len(reasons) <= 4096
-              and reasons.count(reasons[0]) == len(reasons) else pa.array(reasons, pa.string()))
+    finish = (_repeated(reasons[0], len(reasons)) if reasons and reasons.count(reasons[0]) == len(reasons)
+              else pa.array(reasons, pa.string()))
     if not every:                             # spread over all rows, nulls where none ran
         spread = pa.array(np.where(is_ok, np.cumsum(is_ok) - 1, -1), pa.int64(), mask=~is_ok)
         response, finish = response.take(spread), finish.take(spread)
@@ -289,7 +293,7 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     decisions = ("error", "stop", *(f"escalate:{k}" for k in range(1, len(spec.tiers))))
     no_error = errors.count(None) == n
     rec = pa.StructArray.from_arrays([
-        pa.array(np.full(n, tier, np.int32)), _words((ts.name,), np.zeros(n, np.intp)),
+        pa.array(np.full(n, tier, np.int32)), _repeated(ts.name, n),
         _words(("error", "ok"), is_ok.astype(np.intp)),
         pa.nulls(n, pa.string()) if no_error else pa.array(errors, pa.string()), response,
         finish, pa.array(ptok), pa.array(otok),
