@@ -79,9 +79,10 @@ def one(work: Path, rows: int, shard: int) -> dict:
         writer.update(wb.stats)
 
     storage.WriteBehind.close = closing
-    t0, cpu0 = time.perf_counter(), time.thread_time()
+    t0, cpu0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
     job = run_embedded(spec, engine_factory=scripted_factory())
     total, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+    proc = time.process_time() - proc0
     state_bytes, units = 0, 0
     for sub in ("routed", "work", "tiers"):
         for p in (work / "job" / sub).rglob("*.arrow"):
@@ -97,7 +98,8 @@ def one(work: Path, rows: int, shard: int) -> dict:
             "state_bytes_per_unit": round(state_bytes / units),
             "state_bytes_per_row": round(state_bytes / rows, 1),
             "rows_per_tier": [t["rows_done"] for t in status["tiers"]], "job": job.id,
-            "main_cpu_s": round(cpu, 2), "writer_busy_s": round(writer["busy_s"], 2),
+            "main_cpu_s": round(cpu, 2), "process_cpu_s": round(proc, 2),
+            "cpus": len(os.sched_getaffinity(0)), "writer_busy_s": round(writer["busy_s"], 2),
             "writer_waited_s": round(writer["waited_s"], 2),
             "files_per_group": round(writer["files"] / max(writer["groups"], 1), 2)}
 
@@ -162,14 +164,28 @@ def profile(rows: int, shard: int):
                   f"{1e3 * spent[label] / calls[label]:8.3f} ms each")
 
 
+def report(r: dict):
+    print(f"{r['rows']:>9,} rows, shard {r['shard']}, {r['units']:,} units: {r['seconds']:.1f} s "
+          f"= {r['rows_per_s']:,} rows/s ({r['us_per_row']} us/row), finalize {r['finalize_s']} s, "
+          f"peak RSS {r['peak_rss_mib']} MiB ({r['rss_before_finalize_mib']} MiB before finalize), "
+          f"job state written {r['state_bytes_per_unit']:,} bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}; "
+          f"main thread CPU {r['main_cpu_s']} s, whole process {r['process_cpu_s']} s on {r['cpus']} CPU(s); background writer busy {r['writer_busy_s']} s "
+          f"({r['files_per_group']} files per sync), units waited {r['writer_waited_s']} s for it")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, action="append")
     ap.add_argument("--shard", type=int, default=256)
     ap.add_argument("--profile", action="store_true",
                     help="time the stages of one size and print where the time goes, per call")
+    ap.add_argument("--pin", action="store_true",
+                    help="run each measured process on one CPU only (sched_setaffinity), so that "
+                         "the background writer's and the kernel's work for it share that core")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pin:                          # inherited by the measured child processes
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     sizes = args.rows or [100_000]
     if args.one:
         print(json.dumps(one(Path(args.one), sizes[0], args.shard)))
@@ -178,23 +194,23 @@ def main():
         profile(sizes[0], args.shard)
         return
     print(f"this machine: a 3M-step Python loop takes {machine_speed():.2f} s")
-    results = []
-    for rows in sizes:
-        work = make_input(rows)
-        out = subprocess.run([sys.executable, __file__, "--one", str(work), "--rows", str(rows),
-                              "--shard", str(args.shard)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        shutil.rmtree(work, ignore_errors=True)
-        if out.returncode:
-            sys.exit(out.stderr[-2000:])
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(f"{r['rows']:>9,} rows, shard {r['shard']}, {r['units']:,} units: {r['seconds']:.1f} s "
-              f"= {r['rows_per_s']:,} rows/s ({r['us_per_row']} us/row), finalize {r['finalize_s']} s, "
-              f"peak RSS {r['peak_rss_mib']} MiB ({r['rss_before_finalize_mib']} MiB before finalize), "
-              f"job state written {r['state_bytes_per_unit']:,} bytes/unit ({r['state_bytes_per_row']} bytes/row); rows per tier {r['rows_per_tier']}; "
-              f"main thread CPU {r['main_cpu_s']} s; background writer busy {r['writer_busy_s']} s "
-              f"({r['files_per_group']} files per sync), units waited {r['writer_waited_s']} s for it")
+    results, works = [], []
+    try:
+        for rows in sizes:
+            # Every size's files stay until the end: on a filesystem that delays reusing freed
+            # inodes (ext4 without a journal, as on this VM, scans past every inode freed in the
+            # last minutes for each file it creates), deleting one run's files would slow the next.
+            works.append(work := make_input(rows))
+            out = subprocess.run([sys.executable, __file__, "--one", str(work), "--rows", str(rows),
+                                  "--shard", str(args.shard)], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if out.returncode:
+                sys.exit(out.stderr[-2000:])
+            results.append(r := json.loads(out.stdout.strip().splitlines()[-1]))
+            report(r)
+    finally:
+        for work in works:
+            shutil.rmtree(work, ignore_errors=True)
     if len(results) > 1:
         a, b = results[0], results[-1]
         print(f"per-row time {b['rows']:,} vs {a['rows']:,}: {b['us_per_row'] / a['us_per_row']:.2f}x; "

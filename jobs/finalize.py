@@ -6,9 +6,10 @@ idempotent: the parts are written to a fresh directory that replaces results/ at
 finished.json marks the job done. A failure is recorded (state, `cascade status`, and
 finalize_error.json) and retried with backoff up to the spec's max_attempts.
 
-DuckDB does the work out of core (filtering terminal rows, joining them to their lineage,
-sorting by input position); the rows stream to Parquet parts, so memory does not grow with the
-job.
+Part by part (a range of input positions, _Part): Arrow picks each position's final row from
+the unit results and derives what follows from its runs, DuckDB shapes the rows
+(sql/finalize.sql), and they stream to a Parquet part with their lineage; memory holds one part,
+whatever the size of the job.
 """
 
 from __future__ import annotations
@@ -31,53 +32,93 @@ SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
 
 
 class _Part:
-    """The unit results with rows in one part's input positions [start, end), held for the
-    part. DuckDB gets their columns but the lineage, as one stream; each tier's run of a row is
-    in that tier's result (column _t<tier>), and `lineage` gathers a row's runs, in tier order,
-    into the output's `tiers` list. The lineage is most of a row's bytes and does not go through
-    DuckDB, whose conversion of nested columns in and out cost more than the rest of finalize."""
+    """One output part: the final rows of input positions [start, end), from the unit results
+    with rows there. Arrow picks each position's terminal row (the one with no next tier) and
+    orders them by position, checking that every position has exactly one; it gathers each
+    row's runs from every tier's results (column _t<tier>) into the output's `tiers` list, and
+    derives from them what the job never carried per row: the cost and seconds (sums over the
+    runs), the status and error (the last run's), the answer (the run of the tier it keeps) and
+    the input file (from the position). DuckDB (sql/finalize.sql) shapes the rows; the lineage
+    is most of a row's bytes and does not go through it (its conversion of nested columns in
+    and out cost more than the rest of finalize)."""
 
-    def __init__(self, store, files: list[str], start: int, end: int):
+    def __init__(self, job, files: list[str], start: int, end: int):
         from jobs.inputs import LINEAGE_NAME
         from jobs.job import result_tier
         from jobs.units import tier_column
 
-        self.tables = [store.read_arrow(f) for f in files]
+        tables = [job.store.read_arrow(f) for f in files]
         tiers = [result_tier(f) for f in files]
-        pos = np.concatenate([t.column("_row").to_numpy() for t in self.tables])
-        tier = np.repeat(np.asarray(tiers, np.int64), [t.num_rows for t in self.tables])
-        self.records = pa.concat_arrays([c for t, k in zip(self.tables, tiers)
-                                         for c in t.column(tier_column(k)).chunks])
-        inside = np.flatnonzero((pos >= start) & (pos < end))
-        self.order = inside[np.lexsort((tier[inside], pos[inside]))]    # by position, then tier
-        self.offsets = np.zeros(end - start + 1, np.int64)
-        np.cumsum(np.bincount(pos[inside] - start, minlength=end - start), out=self.offsets[1:])
+        pos = np.concatenate([t.column("_row").to_numpy() for t in tables])
+        tier = np.repeat(np.asarray(tiers, np.int64), [t.num_rows for t in tables])
+        records = pa.concat_arrays([c for t, k in zip(tables, tiers)
+                                    for c in t.column(tier_column(k)).chunks])
+        inside = (pos >= start) & (pos < end)
+        order = np.flatnonzero(inside)
+        order = order[np.lexsort((tier[order], pos[order]))]         # by position, then tier
+        runs = np.bincount(pos[order] - start, minlength=end - start)
+        if not runs.all():
+            missing = start + int(np.argmin(runs))
+            raise RuntimeError(f"job {job.id}: input row {missing} has no final row")
+        offsets = np.zeros(end - start + 1, np.int64)
+        np.cumsum(runs, out=offsets[1:])
+        values = records.take(pa.array(order))
+        self.tiers = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+        # The terminal rows (no next tier), by position: exactly one per position.
+        first = tables[0].schema.remove_metadata()
+        names = [f.name for f in first if not LINEAGE_NAME.fullmatch(f.name)]
+        stops = np.concatenate([t.column("next_tier").is_null().to_numpy(zero_copy_only=False)
+                                for t in tables])
+        pick = np.flatnonzero(stops & inside)
+        pick = pick[np.argsort(pos[pick], kind="stable")]
+        where = pos[pick]
+        if len(where) != end - start or where[0] != start or where[-1] != end - 1 or \
+                (len(where) > 1 and not (np.diff(where) == 1).all()):
+            dup = np.flatnonzero(np.bincount(where - start, minlength=end - start) > 1)
+            raise RuntimeError(f"job {job.id}: input row {start + int(dup[0])} has more than one "
+                               f"final row" if len(dup) else
+                               f"job {job.id}: {end - start - len(where)} of input rows "
+                               f"{start}..{end - 1} have no final row")
+        final = pa.concat_tables([t.select(names) for t in tables]).take(pa.array(pick))
+
+        # What follows from the runs. A row's last run is the tier it stopped on.
+        last = pa.array(offsets[1:] - 1)
+        cost = values.field("cost").to_numpy(zero_copy_only=False)
+        seconds = values.field("seconds").to_numpy(zero_copy_only=False)
+        kept = final.column("kept_tier").to_numpy(zero_copy_only=False)  # float, NaN: none
+        run_tier = values.field("tier").to_numpy(zero_copy_only=False)
+        answer = offsets[1:] - 1
+        if not np.array_equal(run_tier[answer], kept):       # some keep an earlier answer
+            row = np.repeat(np.arange(end - start), runs)
+            hit = run_tier == kept[row]
+            answer = answer.copy()
+            answer[row[hit]] = np.flatnonzero(hit)
+        response = values.field("response").take(pa.array(answer, mask=np.isnan(kept)))
+        inputs = job.meta["inputs"]
+        ends = np.cumsum([n for _, n in inputs])
+        files = pa.array([f for f, _ in inputs], pa.string())
+        source = files.take(pa.array(np.searchsorted(ends, np.arange(start, end), side="right")))
+        self.final = final.append_column("_cost", pa.array(np.add.reduceat(cost, offsets[:-1]))) \
+            .append_column("_seconds", pa.array(np.add.reduceat(seconds, offsets[:-1]))) \
+            .append_column("_response", response) \
+            .append_column("_status", values.field("status").take(last)) \
+            .append_column("_error", values.field("error").take(last)) \
+            .append_column("source_file", source)
         self.start = start
-        first = self.tables[0].schema.remove_metadata()
-        self.schema = pa.schema([f for f in first if not LINEAGE_NAME.fullmatch(f.name)])
 
     def reader(self) -> pa.RecordBatchReader:
-        names = self.schema.names
-
-        def batches():
-            for t in self.tables:
-                for b in t.select(names).to_batches():
-                    yield pa.RecordBatch.from_arrays(b.columns, schema=self.schema)
-
-        return pa.RecordBatchReader.from_batches(self.schema, batches())
+        return pa.RecordBatchReader.from_batches(self.final.schema, self.final.to_batches(16384))
 
     def lineage(self, lo: int, hi: int) -> pa.ListArray:
         """The `tiers` lists of input positions lo..hi-1: each row's runs in tier order."""
-        a, b = lo - self.start, hi - self.start
-        values = self.records.take(pa.array(self.order[self.offsets[a]:self.offsets[b]]))
-        return pa.ListArray.from_arrays(pa.array((self.offsets[a:b + 1] - self.offsets[a]).astype(np.int32)),
-                                        values)
+        return self.tiers.slice(lo - self.start, hi - lo)
 
 
 def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, start: int, end: int,
                 job_id: str):
-    """Stream one part's sorted rows to Parquet with their lineage, checking that their input
-    positions run start, start+1, ... end-1: no row missing, none twice."""
+    """Stream one part's rows, as the query shaped them, to Parquet with their lineage, checking
+    that their input positions run start, start+1, ... end-1 (the query kept the order)."""
     import pyarrow.parquet as pq
 
     writer, seen = None, start
@@ -139,10 +180,8 @@ def write_results(job) -> int:
             picked = [spans[i][1] for i in np.flatnonzero((lo < end) & (hi >= start))]
             if not picked:
                 raise RuntimeError(f"job {job.id}: input rows {start}..{end - 1} have no final row")
-            held = _Part(store, picked, start, end)
+            held = _Part(job, picked, start, end)
             con.register("unit_results", held.reader())
-            con.execute("SET VARIABLE lo = ?", [start])
-            con.execute("SET VARIABLE hi = ?", [end])
             _write_part(store, f"{tmp}/part-{part:05d}.parquet",
                         con.sql(query).to_arrow_reader(16384), held, start, end, job.id)
             del held

@@ -189,7 +189,8 @@ def _stem(path: str) -> str:
 
 def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
     """Whole-file checks from the footer alone; returns the schema the file's rows take in the
-    job (id and reference as strings, a prompt column, source_file)."""
+    job (id and reference as strings, a prompt column). A row's `source_file` is not a column
+    until finalize: it follows from the row's input position (InputReader.files, .counts)."""
     if rows == 0:
         raise InputError(f"{path}: has no rows")
     cols = schema.names
@@ -226,7 +227,7 @@ def _check_schema(path: str, schema: pa.Schema, rows: int) -> pa.Schema:
     fields += [pa.field("id", pa.string()), pa.field("prompt", pa.string())]
     if "reference" in cols:
         fields.append(pa.field("reference", pa.string()))
-    return pa.schema(fields + [pa.field("source_file", pa.string())])
+    return pa.schema(fields)
 
 
 def _rows(path: str, batch: pa.Table, first_row: int) -> pa.Table:
@@ -248,7 +249,7 @@ def _rows(path: str, batch: pa.Table, first_row: int) -> pa.Table:
         batch = batch.append_column("prompt", pa.nulls(n, pa.string()))
     elif pa.types.is_null(batch.schema.field("prompt").type):
         batch = batch.set_column(batch.column_names.index("prompt"), "prompt", pa.nulls(n, pa.string()))
-    return batch.append_column("source_file", pa.array([path] * n, pa.string()))
+    return batch
 
 
 def _has_text(t: pa.DataType) -> bool:

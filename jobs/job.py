@@ -4,8 +4,8 @@ Job directory (local path or fsspec URL); the files are the durable truth of the
     job.json                    the validated spec, job id, broker, policy version
     submitted.json              written once every shard is written and the state loaded: until
                                 then the directory is a submit in progress, never rebuilt from
-    routed/s00000.arrow         input shards, each row with the tier it starts on (metadata:
-                                rows per starting tier)
+    routed/s00000.arrow         input shards, each row with its input position and the tier it
+                                starts on (metadata: rows per starting tier)
     work/t1/UNIT.arrow          input of a coalesced unit on tier 1 (metadata: its sources)
     tiers/0/UNIT.arrow          the committed result of a unit: its rows with their run on that
                                 tier as column _t0 (metadata: rows escalated per tier, the span
@@ -36,12 +36,11 @@ from jobs.decide import make_policy
 from jobs.inputs import InputReader
 from jobs.spec import JobSpec
 from jobs.storage import Store
-from jobs.units import RUNNING
 
 
 # The layout of a job directory's unit files. A directory of another layout (written by another
 # version of cascade) is refused with a clear error rather than misread.
-LAYOUT = 2
+LAYOUT = 3
 
 
 class Job:
@@ -178,7 +177,10 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
                                   "broker": broker,
                                   "created": time.time(), "rows": reader.rows,
                                   "policy_version": spec.policy.version(),
-                                  "columns": reader.schema.names})
+                                  "columns": reader.schema.names,
+                                  # each input file and its rows, in input order: a row's
+                                  # source_file follows from its input position
+                                  "inputs": [[f, n] for f, n in zip(reader.files, reader.counts)]})
     job = Job(spec.output)
     job._policy = policy
     with _OPEN_LOCK:
@@ -191,21 +193,18 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
 
 
 def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, int]]]:
-    """The input as routed shards of shard_rows rows, each row with its input position, the
-    tier it starts on and zero running totals (its lineage columns come with its tiers)."""
+    """The input as routed shards of shard_rows rows, each row with its input position and the
+    tier it starts on (its runs come with its tiers)."""
     n = job.spec.shard_rows
     shards, pos = [], 0
-    # The columns every shard starts with the same, built once and sliced per shard.
-    fixed = {"kept_tier": pa.nulls(n, pa.int32()),
-             **{name: pa.array(np.zeros(n)) if typ == pa.float64() else pa.nulls(n, typ)
-                for name, typ in RUNNING.items()}}
+    no_tier = pa.nulls(n, pa.int32())            # kept_tier: no answer yet; built once, sliced
     for k, shard in enumerate(reader.shards(n)):
         m = shard.num_rows
         first = pa.array(np.asarray(job.policy.start(shard), np.int32))
         shard = pa.Table.from_arrays(
             [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), first,
-             *(c.slice(0, m) for c in fixed.values())],
-            names=[*shard.column_names, "_row", "next_tier", *fixed])
+             no_tier.slice(0, m)],
+            names=[*shard.column_names, "_row", "next_tier", "kept_tier"])
         pos += m
         sid = f"s{k:05d}"
         targets = targets_of(first)

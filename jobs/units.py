@@ -53,12 +53,10 @@ TIER_STRUCT = pa.struct([
 ])
 FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
 CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered without choices
-# Columns a row carries between tiers besides its input columns (and its earlier runs, for a
-# policy that needs them): where it goes next, whose answer it keeps, and running totals so that
-# finalize need not walk the lineage.
-RUNNING = {"_cost": pa.float64(), "_seconds": pa.float64(), "_response": pa.string(),
-           "_status": pa.string(), "_error": pa.string()}
-INTERNAL = ("next_tier", "kept_tier", *RUNNING)
+# Columns a row carries between tiers besides its input columns, its position (_row) and (for a
+# policy that needs them) its earlier runs: where it goes next and whose answer it keeps. What
+# follows from its runs (its cost, seconds, final answer and status) finalize derives from them.
+INTERNAL = ("next_tier", "kept_tier")
 
 
 def tier_column(tier: int) -> str:
@@ -191,7 +189,7 @@ def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
     """Run one unit's rows on its tier: one batched engine call, features, policy decisions.
     Returns the result table: the unit's rows with this tier's run added (_t<tier>), next_tier
-    (null: the row stops) and kept_tier. With `fail_reason`, no engine runs: every row gets
+    (null: the row stops) and kept_tier (whose answer is the row's if it stops). With `fail_reason`, no engine runs: every row gets
     that error (a unit out of attempts)."""
     spec = job.spec
     tier = unit["tier"]
@@ -306,25 +304,6 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     cols[tier_column(tier)] = rec
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
-    cols["_cost"] = pa.array(table.column("_cost").to_numpy() + cost)
-    cols["_seconds"] = pa.array(table.column("_seconds").to_numpy() + seconds)
-    # The answer each row keeps: this tier's where it keeps this tier's; an earlier tier's
-    # where it stops here keeping that one (looked up in its lineage, which a policy that keeps
-    # earlier answers has carried along: rare); else unchanged.
-    mine = is_ok & (kept == tier)
-    if mine.all():                            # the common case
-        kept_response, earlier = response, ()
-    else:
-        kept_response = pc.if_else(pa.array(mine), response, table.column("_response").combine_chunks())
-        earlier = np.flatnonzero(is_ok & (next_tier < 0) & (kept >= 0) & (kept != tier))
-    if len(earlier):
-        kept_response = kept_response.to_numpy(zero_copy_only=False).astype(object)
-        for i in earlier:
-            kept_response[i] = table.column(tier_column(kept[i]))[int(i)]["response"].as_py()
-        kept_response = pa.array(kept_response, pa.string())
-    cols["_response"] = kept_response
-    cols["_status"] = rec.field("status")
-    cols["_error"] = rec.field("error")
     return pa.table(cols)
 
 

@@ -1,13 +1,13 @@
--- finalize: a job's final rows from its units' results: the terminal row of every input row (the
--- one with no next tier), with its lineage, in input order.
--- Input: the relation `unit_results`: the tiers/K/UNIT.arrow files of the job with rows that
--- fall in the input positions [lo, hi), which jobs/finalize.py streams in as one Arrow stream
--- (the duckdb CLI reads no Arrow IPC files), one output part at a time; and the variables lo,
--- hi, tier_names, policy_version, job_id. Rows carry running totals (_cost, _seconds), the kept
--- answer (_response) and the last tier's status, so nothing here walks the lineage. The lineage
--- (each tier's run of a row, in that tier's results) is the widest part of a row and does not
--- go through DuckDB: finalize gathers each row's runs, by input position, into the list `tiers`
--- at the place this query gives it.
+-- finalize: a job's final rows, one output part at a time, in input order.
+-- Input: the relation `unit_results`: the final row of every input position in [lo, hi) (the
+-- row's terminal unit result: the one with no next tier), which jobs/finalize.py picks from the
+-- tiers/K/UNIT.arrow files and streams in as Arrow (the duckdb CLI reads no Arrow IPC files),
+-- with what it derives from each row's runs: _cost and _seconds (their sums), _response (the
+-- answer of the tier the row keeps, kept_tier), _status and _error (its last run's), and
+-- source_file (from the row's input position); and the variables tier_names, policy_version,
+-- job_id. The lineage (each tier's run of a row, in that tier's results) is the widest part of
+-- a row and does not go through DuckDB: finalize gathers each row's runs, by input position,
+-- into the list `tiers` at the place this query gives it.
 -- Columns: the result schema in README.md but tiers_run (jobs/finalize.py derives it from
 -- tiers without a copy): id, prompt, response, final_tier, final_tier_name, tiers, status,
 -- error, cost, seconds, policy_version, job_id, input columns, source_file; and _row (the input
@@ -28,5 +28,4 @@ SELECT id, prompt,
        source_file,
        _row
 FROM unit_results
-WHERE next_tier IS NULL AND _row >= getvariable('lo') AND _row < getvariable('hi')
 ORDER BY _row
