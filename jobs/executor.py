@@ -1,8 +1,10 @@
 """Where units run.
 
-Embedded (`cascade run`): an in-process executor that calls the very same `run_unit` task
-function as the Celery workers, lowest tier first, so escalated rows coalesce into full batches
-and each model loads once. Its state store is in memory (jobs.state.MemoryState); the job
+Embedded (`cascade run`): an in-process executor that runs units through the same task code
+as the Celery workers (`run_units`, of which `run_unit` is the one-unit case), lowest tier first,
+so escalated rows coalesce into full batches and each model loads once. It takes up to BATCH
+queued units of a tier at a time: each unit is still its own engine call, attempt and commit,
+and their bookkeeping (features, decisions, result tables) is one pass over all their rows. Its state store is in memory (jobs.state.MemoryState); the job
 directory holds the truth as for any job, so `cascade resume` finishes a run that was killed.
 No broker, no server, no polling: on one machine a broker would only add serialization and
 latency. Its writes to the job directory go through a background writer (jobs.storage.
@@ -20,7 +22,7 @@ import time
 
 from jobs import control, job as jobmod, recovery
 from jobs.storage import write_behind
-from jobs.units import run_unit
+from jobs.units import run_units
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,27 @@ class LocalExecutor:
             heapq.heappush(self.heap, (u["tier"], self.count, job_dir, u["id"]))
             self.count += 1
 
+    BATCH = 16
+
     def drain(self):
         """Run units until none is left; a unit whose engine failed runs again when its
         backoff is due."""
         while True:
             while self.heap:
                 tier, _, job_dir, uid = heapq.heappop(self.heap)
+                uids = [uid]
+                while (self.heap and len(uids) < self.BATCH and self.heap[0][0] == tier
+                       and self.heap[0][2] == job_dir):
+                    uids.append(heapq.heappop(self.heap)[3])
                 t0 = time.perf_counter()
-                verdict = run_unit(job_dir, uid, state=self.state, engine_factory=self.engine_factory,
-                                   dispatch=self.dispatch, worker="embedded",
-                                   job_id=self.state.job()["job_id"])
-                self.timings.append({"unit": uid, "tier": tier, "state": verdict,
-                                     "seconds": time.perf_counter() - t0})
+                verdicts = run_units(job_dir, uids, state=self.state,
+                                     engine_factory=self.engine_factory, dispatch=self.dispatch,
+                                     worker="embedded", job_id=self.state.job()["job_id"])
+                spent = time.perf_counter() - t0
+                rows = [self.state.units.get(u, {}).get("rows", 0) for u in uids]
+                for u, verdict, r in zip(uids, verdicts, rows):  # the batch's time, by rows
+                    self.timings.append({"unit": u, "tier": tier, "state": verdict,
+                                         "seconds": spent * r / max(sum(rows), 1)})
                 if self.progress:
                     self.progress(control.live_status(jobmod.open_job(job_dir), self.state))
             due = self.state.next_due()

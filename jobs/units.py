@@ -1,12 +1,16 @@
-"""A unit: a batch of rows run on one tier. `run_unit` is the one task function that both the
-Celery tier workers and the embedded executor call.
+"""A unit: a batch of rows run on one tier. `run_units` is the task code that both the Celery
+tier workers (one unit per task: `run_unit`) and the embedded executor (several units of a tier
+at a time) call.
 
 Running a unit: take it in the state store (a lease, renewed by a heartbeat while it runs), run
 its rows on the tier's engine in one batched call, decide per row (stop, or which tier next),
 and commit the result: a write-once file at a path fixed by (tier, unit). Then one atomic state
 transition records it, puts its escalated rows in the waiting lists of their tiers and cuts the
 units that are now full; the caller writes their inputs and sends them. Running a unit twice
-leaves one result (the first commit wins) and enqueues its escalations once.
+leaves one result (the first commit wins) and enqueues its escalations once. Run several at a
+time, each unit is still its own engine call, attempt and commit; only the bookkeeping between
+the engine and the commit (`decide_units`: features, decisions, result tables) is one pass over
+all their rows.
 
 An engine error is retried with exponential backoff up to the spec's `max_attempts`; a unit
 whose worker dies holding it is run again when its lease expires, and that counts as an
@@ -186,11 +190,20 @@ def _words(words: tuple[str, ...], codes: np.ndarray) -> pa.StringArray:
     return _vocabulary(words).take(pa.array(codes))
 
 
-def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
-    """Run one unit's rows on its tier: one batched engine call, features, policy decisions.
-    Returns the result table: the unit's rows with this tier's run added (_t<tier>), next_tier
-    (null: the row stops) and kept_tier (whose answer is the row's if it stops). With `fail_reason`, no engine runs: every row gets
-    that error (a unit out of attempts)."""
+@dataclasses.dataclass
+class Answers:
+    """One unit's rows after its engine call: what the decisions and the result table need."""
+    table: pa.Table                  # the unit's rows
+    ok: list[int]                    # the rows that ran, in order
+    errors: list[str | None]         # per row: why it did not run
+    gens: Generations                # the answers of the rows in `ok`
+    per_row: float                   # engine seconds per row that ran
+
+
+def answer(job, unit: dict, engine, fail_reason: str | None = None) -> Answers:
+    """Run one unit's rows on its tier's engine in one batched call (per distinct sampling; rows
+    with choices in one choose call). With `fail_reason`, no engine runs: every row gets that
+    error (a unit out of attempts)."""
     spec = job.spec
     tier = unit["tier"]
     ts = spec.tiers[tier]
@@ -231,7 +244,34 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     row_choices = _choices(table, ts.choices or spec.choices)
     gens = _generate(engine, live_prompts if ok is live else [prompts[i] for i in ok], samplings,
                      row_choices if every or row_choices is None else [row_choices[i] for i in ok])
-    per_row = (time.perf_counter() - t0) / max(len(ok), 1)
+    return Answers(table, ok, errors, gens, (time.perf_counter() - t0) / max(len(ok), 1))
+
+
+def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
+    """Run one unit's rows on its tier (`answer`) and decide: the unit's result table."""
+    return decide_units(job, unit["tier"], [answer(job, unit, engine, fail_reason)])[0]
+
+
+def decide_units(job, tier: int, units: list[Answers]) -> list[pa.Table]:
+    """Features and policy decisions for the answered rows of one or more units of a tier, in
+    one pass over all their rows; returns each unit's result table: its rows with this tier's
+    run added (_t<tier>), next_tier (null: the row stops) and kept_tier (whose answer is the
+    row's if it stops). The units' tables must have the same columns."""
+    spec = job.spec
+    ts = spec.tiers[tier]
+    if len(units) == 1:
+        a = units[0]
+        table, ok, errors, gens = a.table, a.ok, a.errors, a.gens
+        per_row = a.per_row
+    else:
+        table = pa.concat_tables([a.table for a in units])
+        starts = np.cumsum([0] + [a.table.num_rows for a in units[:-1]])
+        ok = [i + int(s) for a, s in zip(units, starts) for i in a.ok]
+        errors = [e for a in units for e in a.errors]
+        gens = Generations.concat([a.gens for a in units])
+        per_row = np.repeat([a.per_row for a in units], [a.table.num_rows for a in units])
+    n = table.num_rows
+    every = len(ok) == n
 
     # This tier's answers, column-wise; rows that did not run keep zeros and nulls.
     idx = np.asarray(ok, dtype=np.int64)
@@ -304,7 +344,10 @@ def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table
     cols[tier_column(tier)] = rec
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
-    return pa.table(cols)
+    result = pa.table(cols)
+    if len(units) == 1:
+        return [result]
+    return [result.slice(int(s), a.table.num_rows) for a, s in zip(units, starts)]
 
 
 # ---------------------------------------------------------------- the task function
@@ -318,22 +361,24 @@ def backoff(attempt: int) -> float:
 
 
 @contextlib.contextmanager
-def heartbeat(state, uid: str):
-    """Renew a unit's lease every quarter lease while the block runs (a thread: the engine call
-    holds the main one)."""
+def heartbeat(state, uids: str | list[str]):
+    """Renew the leases of units (or the finalize) every quarter lease while the block runs (a
+    thread: the engine call holds the main one)."""
     if not state.needs_heartbeat:
         yield
         return
+    uids = [uids] if isinstance(uids, str) else list(uids)
     stop = threading.Event()
 
     def beat():
         while not stop.wait(state.lease / 4):
-            try:
-                state.heartbeat(uid, time.time())
-            except Exception as exc:      # Redis away: the next beat tries again
-                log.warning("heartbeat of %s failed: %s", uid, exc)
+            for uid in uids:
+                try:
+                    state.heartbeat(uid, time.time())
+                except Exception as exc:      # Redis away: the next beat tries again
+                    log.warning("heartbeat of %s failed: %s", uid, exc)
 
-    t = threading.Thread(target=beat, name=f"heartbeat-{uid}", daemon=True)
+    t = threading.Thread(target=beat, name=f"heartbeat-{uids[0]}", daemon=True)
     t.start()
     try:
         yield
@@ -347,50 +392,111 @@ def run_unit(job_dir: str, unit_id: str, *, state=None, engine_factory=None, dis
     'retry' (the engine failed; due again later), or why it did not run: 'busy' (another worker
     holds it), 'cancelled', 'stale' (the message is for a job no longer in that directory),
     'unknown'."""
+    return run_units(job_dir, [unit_id], state=state, engine_factory=engine_factory,
+                     dispatch=dispatch, worker=worker, job_id=job_id)[0]
+
+
+def run_units(job_dir: str, unit_ids: list[str], *, state=None, engine_factory=None,
+              dispatch=None, worker: str | None = None, job_id: str | None = None) -> list[str]:
+    """`run_unit` for several units of one tier: each is taken, run on the engine (its own
+    call: a unit is the engine's batch) and committed on its own, as if run alone; their
+    features, decisions and result tables are computed in one pass over all their rows (the
+    embedded executor runs units this way: per unit, that bookkeeping costs more than the
+    scripted engine double's answers). Returns each unit's verdict, in order."""
     from jobs import recovery
     from jobs.job import open_job, result_file
     from workers.engines import get_engine
 
     job = open_job(job_dir, job_id)
     if job_id and job.id != job_id:
-        return "stale"
+        return ["stale"] * len(unit_ids)
     state = state if state is not None else recovery.live_state(job)
     if not state.exists() and not recovery.ensure_state(job, state, dispatch):
-        return "busy"                 # another worker is rebuilding the state; it sends the units
-    verdict, unit = state.start(unit_id, worker or socket.gethostname(), time.time())
-    if verdict != "run":
-        return "duplicate" if verdict == "done" else verdict
-    tier, result = unit["tier"], result_file(unit_id, unit["tier"])
-    with heartbeat(state, unit_id):
-        if not job.store.exists(result):
-            table = None
-            if unit["attempts"] > job.spec.max_attempts:
-                reason = (f"unit {unit_id} failed {unit['attempts'] - 1} times (its worker stopped "
-                          f"while running it; last error: {unit.get('error')})")
-                table = execute(job, unit, None, fail_reason=reason)
+        return ["busy"] * len(unit_ids)   # another worker is rebuilding the state; it sends them
+    verdicts: dict[str, str] = {}
+    taken = []
+    for uid in unit_ids:
+        verdict, unit = state.start(uid, worker or socket.gethostname(), time.time())
+        if verdict != "run":
+            verdicts[uid] = "duplicate" if verdict == "done" else verdict
+        else:
+            taken.append(unit)
+    if not taken:
+        return [verdicts[u] for u in unit_ids]
+    committed: list[tuple[dict, dict | None]] = []     # (unit, targets or None: read them)
+    with heartbeat(state, [u["id"] for u in taken]):
+        answered = []
+        for unit in taken:
+            if job.store.exists(result_file(unit["id"], unit["tier"])):
+                committed.append((unit, None))             # committed earlier, or by another
+            elif (a := _answer_or_retry(job, unit, state, engine_factory or get_engine)) is None:
+                verdicts[unit["id"]] = "retry"
             else:
-                try:
-                    engine = (engine_factory or get_engine)(job.spec.tiers[tier])
-                    table = execute(job, unit, engine)
-                except Exception as exc:
-                    err = f"{type(exc).__name__}: {exc}"
-                    log.exception("unit %s of job %s failed (attempt %d)", unit_id, job.id,
-                                  unit["attempts"])
-                    if unit["attempts"] < job.spec.max_attempts:
-                        state.fail(unit_id, err, time.time() + backoff(unit["attempts"]))
-                        return "retry"
-                    table = execute(job, unit, None, fail_reason=(
-                        f"tier {job.spec.tiers[tier].name} failed {unit['attempts']} times: {err}"))
+                answered.append((unit, a))
+        for unit, table in _decide_each(job, answered, state):
+            if table is None:
+                verdicts[unit["id"]] = "retry"
+                continue
             failpoints.hit("before_result_write")
             if not job.current():
-                return "stale"            # the directory was overwritten with a new job meanwhile
-            targets = write_result(job, unit_id, tier, table)
+                verdicts[unit["id"]] = "stale"    # the directory was overwritten with a new job
+                continue
+            committed.append((unit, write_result(job, unit["id"], unit["tier"], table)))
             failpoints.hit("after_result_write")
-        else:
-            targets = None
-    if targets is None:                  # committed earlier (or by another worker first)
-        targets = {int(k): v for k, v in job.store.arrow_meta(result)["targets"].items()}
-    return commit(job, state, unit_id, targets, dispatch)
+    for unit, targets in committed:
+        if targets is None:
+            meta = job.store.arrow_meta(result_file(unit["id"], unit["tier"]))
+            targets = {int(k): v for k, v in meta["targets"].items()}
+        verdicts[unit["id"]] = commit(job, state, unit["id"], targets, dispatch)
+    return [verdicts[u] for u in unit_ids]
+
+
+def _answer_or_retry(job, unit: dict, state, get_engine) -> Answers | None:
+    """A taken unit's answers. An engine that raises is retried with backoff (None: the unit
+    is due again later) until the unit is out of attempts; then, as for a unit whose workers
+    kept dying, its rows get the error."""
+    tier = unit["tier"]
+    if unit["attempts"] > job.spec.max_attempts:
+        return answer(job, unit, None, fail_reason=(
+            f"unit {unit['id']} failed {unit['attempts'] - 1} times (its worker stopped while "
+            f"running it; last error: {unit.get('error')})"))
+    try:
+        return answer(job, unit, get_engine(job.spec.tiers[tier]))
+    except Exception as exc:
+        return _failed(job, unit, state, exc)
+
+
+def _failed(job, unit: dict, state, exc: Exception) -> Answers | None:
+    err = f"{type(exc).__name__}: {exc}"
+    log.exception("unit %s of job %s failed (attempt %d)", unit["id"], job.id, unit["attempts"])
+    if unit["attempts"] < job.spec.max_attempts:
+        state.fail(unit["id"], err, time.time() + backoff(unit["attempts"]))
+        return None
+    return answer(job, unit, None, fail_reason=(
+        f"tier {job.spec.tiers[unit['tier']].name} failed {unit['attempts']} times: {err}"))
+
+
+def _decide_each(job, answered: list[tuple[dict, Answers]], state):
+    """(unit, result table) for answered units of one tier: decided together when their rows
+    have the same columns, else one by one; a unit whose decision raised is handled as an
+    engine failure (result None: due again later)."""
+    if not answered:
+        return []
+    tier = answered[0][0]["tier"]
+    schema = answered[0][1].table.schema
+    if len(answered) > 1 and all(a.table.schema.equals(schema) for _, a in answered):
+        try:
+            return list(zip([u for u, _ in answered], decide_units(job, tier, [a for _, a in answered])))
+        except Exception:                     # judged again one by one, so only its unit fails
+            pass
+    out = []
+    for unit, a in answered:
+        try:
+            out.append((unit, decide_units(job, tier, [a])[0]))
+        except Exception as exc:
+            again = _failed(job, unit, state, exc)
+            out.append((unit, None if again is None else decide_units(job, tier, [again])[0]))
+    return out
 
 
 def write_result(job, unit_id: str, tier: int, table: pa.Table) -> dict[int, int] | None:

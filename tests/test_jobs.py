@@ -308,6 +308,43 @@ def test_a_unit_out_of_attempts_becomes_per_row_errors_and_the_job_finishes(tmp_
     assert (out.filter(~escalated)["status"] == "ok").all()
 
 
+def test_units_run_in_batches_give_what_units_run_one_at_a_time_give(tmp_path, monkeypatch):
+    """The embedded executor takes several queued units of a tier at once: each is still its own
+    engine call (the unit is the engine's batch), attempt and commit, and their features,
+    decisions and result tables are one pass over all their rows. Every final row, its lineage
+    and its errors are what running the units one at a time gives; an engine that fails on one
+    unit of a batch costs that unit a retry, and no other."""
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.01")
+    prompts = [f"question {i} w{i}" for i in range(60)]
+    prompts[7] = "   "                                       # a per-row error inside a batch
+    inp = tmp_path / "in.parquet"
+    pl.DataFrame({"prompt": prompts, "extra": range(60)}).write_parquet(inp)
+    outs, calls = {}, {}
+    for batch in (1, 16):
+        monkeypatch.setattr(LocalExecutor, "BATCH", batch)
+        calls[batch], made = [], {"n": 0}
+        good = scripted_factory(calls[batch])
+
+        def flaky(tier):                                     # the 2nd unit's first attempt fails
+            made["n"] += 1
+            if made["n"] == 2:
+                raise MemoryError("engine out of memory")
+            return good(tier)
+
+        job = run_embedded(make_spec(tmp_path / f"b{batch}", inp), engine_factory=flaky)
+        outs[batch] = results(job.dir).drop("seconds", "job_id")
+    one, many = outs[1], outs[16]
+    assert len(many) == 60 and many["extra"].to_list() == list(range(60))
+    assert many.filter(pl.col("id") == "in:7")["error"].to_list() == ["empty prompt"]
+
+    def runs(out):                     # lineage without the engine's measured seconds
+        return [[{k: v for k, v in r.items() if k != "seconds"} for r in t] for t in out["tiers"].to_list()]
+
+    assert runs(many) == runs(one)
+    assert many.drop("tiers").equals(one.drop("tiers"))
+    assert calls[16] == calls[1]            # the same engine calls, one per unit, in the same order
+
+
 def test_audit_share_escalates_regardless(tmp_path):
     inp = write_input(tmp_path / "in.parquet", 200)
     spec = make_spec(tmp_path, inp, audit_share=0.25,

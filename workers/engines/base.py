@@ -107,6 +107,29 @@ class Generations:
                    np.array([nan if c is None else c for c in cp], np.float64) if choices else None,
                    np.array([nan if c is None else c for c in cm], np.float64) if choices else None)
 
+    @classmethod
+    def concat(cls, batches: list["Generations"]) -> "Generations":
+        """Several batches end to end, as one."""
+        if len(batches) == 1:
+            return batches[0]
+        lps = [b.logprobs[b.offsets[0]:b.offsets[-1]] for b in batches]
+        offsets = np.zeros(sum(len(b) for b in batches) + 1, np.int64)
+        at, base = 1, 0
+        for b in batches:
+            offsets[at:at + len(b)] = b.offsets[1:] - b.offsets[0] + base
+            at += len(b)
+            base += int(b.offsets[-1] - b.offsets[0])
+        choices = any(b.choice_prob is not None for b in batches)
+
+        def col(name):
+            return np.concatenate([np.full(len(b), np.nan) if getattr(b, name) is None
+                                   else getattr(b, name) for b in batches]) if choices else None
+
+        return cls([t for b in batches for t in b.text],
+                   [r for b in batches for r in b.finish_reason],
+                   np.concatenate([np.asarray(b.prompt_tokens, np.int64) for b in batches]),
+                   np.concatenate(lps), offsets, col("choice_prob"), col("choice_margin"))
+
     def __len__(self) -> int:
         return len(self.text)
 
