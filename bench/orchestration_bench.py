@@ -140,11 +140,14 @@ def profile(rows: int, shard: int):
 
     stages = [  # (owner, function, label), nested stages indented
         (job, "submit", "submit (read and check input, write shards)"),
-        (units, "execute", "execute (read, engine, features, decisions, result table)"),
-        (doubles.ScriptedEngine, "generate", "  the scripted engine double's generate"),
-        (doubles.ScriptedEngine, "count_tokens", "  the scripted engine double's count_tokens"),
-        (units, "write_result", "write_result (Arrow IPC, handed to the writer)"),
-        (coalesce, "materialize", "materialize a cut unit (gather its rows, write)"),
+        (units, "run_units", "run_units (a batch of units of a tier, to their commits)"),
+        (units, "answer", "  answer a unit (read its rows, engine calls)"),
+        (doubles.ScriptedEngine, "generate", "    the scripted engine double's generate"),
+        (doubles.ScriptedEngine, "count_tokens", "    the scripted engine double's count_tokens"),
+        (units, "decide_units", "  decide a batch (features, decisions, result tables)"),
+        (units, "write_result", "  write_result (Arrow IPC, handed to the writer)"),
+        (units, "commit", "  commit (state transition, cuts)"),
+        (coalesce, "materialize", "    materialize a cut unit (gather its rows, write)"),
         (finalize, "write_results", "finalize"),
         (storage.Store, "write_arrow", "every Arrow IPC write"),
         (storage.Store, "read_arrow", "every Arrow IPC read"),
@@ -161,7 +164,8 @@ def profile(rows: int, shard: int):
     for _, _, label in stages:
         if calls[label]:
             print(f"  {label:<62} {spent[label]:6.2f} s  {calls[label]:6,} calls  "
-                  f"{1e3 * spent[label] / calls[label]:8.3f} ms each")
+                  f"{1e3 * spent[label] / calls[label]:8.3f} ms each  "
+                  f"{1e3 * spent[label] / r['units']:7.3f} ms per unit run")
 
 
 def report(r: dict):

@@ -200,14 +200,15 @@ def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, in
     no_tier = pa.nulls(n, pa.int32())            # kept_tier: no answer yet; built once, sliced
     for k, shard in enumerate(reader.shards(n)):
         m = shard.num_rows
-        first = pa.array(np.asarray(job.policy.start(shard), np.int32))
+        start = np.asarray(job.policy.start(shard), np.int32)
         shard = pa.Table.from_arrays(
-            [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), first,
+            [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), pa.array(start),
              no_tier.slice(0, m)],
             names=[*shard.column_names, "_row", "next_tier", "kept_tier"])
         pos += m
         sid = f"s{k:05d}"
-        targets = targets_of(first)
+        counts = np.bincount(start)
+        targets = {int(t): int(counts[t]) for t in np.flatnonzero(counts)}
         job.store.write_arrow(source_file(sid), shard, {"targets": targets})
         shards.append((sid, targets))
     return shards

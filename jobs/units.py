@@ -249,14 +249,23 @@ def answer(job, unit: dict, engine, fail_reason: str | None = None) -> Answers:
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
     """Run one unit's rows on its tier (`answer`) and decide: the unit's result table."""
-    return decide_units(job, unit["tier"], [answer(job, unit, engine, fail_reason)])[0]
+    return decide_units(job, unit["tier"], [answer(job, unit, engine, fail_reason)])[0].table
 
 
-def decide_units(job, tier: int, units: list[Answers]) -> list[pa.Table]:
+@dataclasses.dataclass
+class Result:
+    """A unit's result table, with what its file's metadata records."""
+    table: pa.Table
+    targets: dict[int, int]          # rows escalated per next tier
+    span: list[int] | None           # its rows' smallest and largest input position
+
+
+def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
     """Features and policy decisions for the answered rows of one or more units of a tier, in
     one pass over all their rows; returns each unit's result table: its rows with this tier's
     run added (_t<tier>), next_tier (null: the row stops) and kept_tier (whose answer is the
-    row's if it stops). The units' tables must have the same columns."""
+    row's if it stops), with its escalation targets and span. The units' tables must have the
+    same columns."""
     spec = job.spec
     ts = spec.tiers[tier]
     if len(units) == 1:
@@ -265,8 +274,7 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[pa.Table]:
         per_row = a.per_row
     else:
         table = pa.concat_tables([a.table for a in units])
-        starts = np.cumsum([0] + [a.table.num_rows for a in units[:-1]])
-        ok = [i + int(s) for a, s in zip(units, starts) for i in a.ok]
+        ok = [i + s for a, s in zip(units, _bounds(units)[0]) for i in a.ok]
         errors = [e for a in units for e in a.errors]
         gens = Generations.concat([a.gens for a in units])
         per_row = np.repeat([a.per_row for a in units], [a.table.num_rows for a in units])
@@ -345,9 +353,21 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[pa.Table]:
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
     result = pa.table(cols)
-    if len(units) == 1:
-        return [result]
-    return [result.slice(int(s), a.table.num_rows) for a, s in zip(units, starts)]
+    pos = table.column("_row").to_numpy()
+    out = []
+    for s, e in zip(*_bounds(units)):
+        go = next_tier[s:e]
+        counts = np.bincount(go[go >= 0])
+        out.append(Result(result if len(units) == 1 else result.slice(s, e - s),
+                          {int(k): int(counts[k]) for k in np.flatnonzero(counts)},
+                          [int(pos[s:e].min()), int(pos[s:e].max())] if e > s else None))
+    return out
+
+
+def _bounds(units: list[Answers]) -> tuple[list[int], list[int]]:
+    """Where each unit's rows start and end in the rows of all."""
+    ends = np.cumsum([a.table.num_rows for a in units]).tolist()
+    return [0, *ends[:-1]], ends
 
 
 # ---------------------------------------------------------------- the task function
@@ -433,15 +453,15 @@ def run_units(job_dir: str, unit_ids: list[str], *, state=None, engine_factory=N
                 verdicts[unit["id"]] = "retry"
             else:
                 answered.append((unit, a))
-        for unit, table in _decide_each(job, answered, state):
-            if table is None:
+        for unit, result in _decide_each(job, answered, state):
+            if result is None:
                 verdicts[unit["id"]] = "retry"
                 continue
             failpoints.hit("before_result_write")
             if not job.current():
                 verdicts[unit["id"]] = "stale"    # the directory was overwritten with a new job
                 continue
-            committed.append((unit, write_result(job, unit["id"], unit["tier"], table)))
+            committed.append((unit, write_result(job, unit["id"], unit["tier"], result)))
             failpoints.hit("after_result_write")
     for unit, targets in committed:
         if targets is None:
@@ -499,18 +519,19 @@ def _decide_each(job, answered: list[tuple[dict, Answers]], state):
     return out
 
 
-def write_result(job, unit_id: str, tier: int, table: pa.Table) -> dict[int, int] | None:
+def write_result(job, unit_id: str, tier: int, result: Result | pa.Table) -> dict[int, int] | None:
     """Commit a unit's result, write-once. Returns its escalation targets, or None if a result
     was committed first by someone else."""
     from jobs.job import result_file, targets_of
 
-    targets = targets_of(table.column("next_tier"))
-    pos = table.column("_row").to_numpy()
-    span = [int(pos.min()), int(pos.max())] if len(pos) else None   # for finalize
-    ok = job.store.write_arrow(result_file(unit_id, tier), table,
-                               {"unit": unit_id, "rows": table.num_rows, "targets": targets,
-                                "span": span}, once=True)
-    return targets if ok else None
+    if isinstance(result, pa.Table):
+        pos = result.column("_row").to_numpy()
+        result = Result(result, targets_of(result.column("next_tier")),
+                        [int(pos.min()), int(pos.max())] if len(pos) else None)
+    ok = job.store.write_arrow(result_file(unit_id, tier), result.table,
+                               {"unit": unit_id, "rows": result.table.num_rows,
+                                "targets": result.targets, "span": result.span}, once=True)
+    return result.targets if ok else None
 
 
 def commit(job, state, unit_id: str, targets: dict[int, int], dispatch) -> str:
