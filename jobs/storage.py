@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import itertools
 import json
 import logging
 import os
@@ -261,11 +262,24 @@ def _write_local_group(root: str, items: list[tuple[str, bytes, bool]]) -> list[
                 os.unlink(tmp)
 
 
+_MADE: set[str] = set()            # directories this process made or found (they stay)
+_TMP = itertools.count()
+_HOST = uuid.uuid4().hex[:8]       # with the pid, unique to this process among all hosts
+
+
 def _stage(target: str, data: bytes, *, sync: bool) -> str:
     """`data` in a temporary file beside `target` (fsynced with `sync`); returns its path."""
-    os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
+    parent = target.rsplit("/", 1)[0]
+    if parent not in _MADE:
+        os.makedirs(parent, exist_ok=True)
+        _MADE.add(parent)
+    tmp = f"{target}.tmp-{_HOST}-{os.getpid()}-{next(_TMP)}"     # no other writer's name
+    try:
+        f = open(tmp, "wb")
+    except FileNotFoundError:          # its directory was removed since (a job overwritten)
+        os.makedirs(parent, exist_ok=True)
+        f = open(tmp, "wb")
+    with f:
         f.write(data)
         if sync:
             f.flush()
