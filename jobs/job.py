@@ -149,6 +149,13 @@ def targets_of(next_tier: pa.Array) -> dict[int, int]:
     return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
 
 
+def targets_counted(codes: np.ndarray) -> dict[int, int]:
+    """Rows per next tier, from integer next-tier codes (negative: the row stops); what
+    targets_of gives for a next_tier column, from the numpy array a caller already holds."""
+    counts = np.bincount(codes[codes >= 0])
+    return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}
+
+
 def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=None,
            overwrite: bool = False) -> Job:
     """Validate the input, write shards, load the state and enqueue the first units. `state` is
@@ -207,8 +214,7 @@ def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, in
             names=[*shard.column_names, "_row", "next_tier", "kept_tier"])
         pos += m
         sid = f"s{k:05d}"
-        counts = np.bincount(start)
-        targets = {int(t): int(counts[t]) for t in np.flatnonzero(counts)}
+        targets = targets_counted(start)
         job.store.write_arrow(source_file(sid), shard, {"targets": targets})
         shards.append((sid, targets))
     return shards

@@ -353,13 +353,13 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
     result = pa.table(cols)
+    from jobs.job import targets_counted
+
     pos = table.column("_row").to_numpy()
     out = []
     for s, e in zip(*_bounds(units)):
-        go = next_tier[s:e]
-        counts = np.bincount(go[go >= 0])
         out.append(Result(result if len(units) == 1 else result.slice(s, e - s),
-                          {int(k): int(counts[k]) for k in np.flatnonzero(counts)},
+                          targets_counted(next_tier[s:e]),
                           [int(pos[s:e].min()), int(pos[s:e].max())] if e > s else None))
     return out
 
