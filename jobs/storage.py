@@ -56,6 +56,10 @@ class WriteBehind:
     raised by the next call on the directory. A process killed with writes pending loses them
     as it would lose a unit it was running: nothing it loses was recorded anywhere durable.
 
+    A group of fewer than FEW files waits up to LINGER for more before its sync: one sync and
+    one wake-up of the thread for ~20 files instead of ~4 (on one core, 10% of a 1M-row run).
+    A caller that waits (flush, a full queue) ends the wait at once, so nothing waits LINGER.
+
     It also remembers what it wrote, for the run it serves: the metadata of every Arrow file
     (a few hundred bytes each), and the tables of the most recent ones up to TABLES bytes, so
     that the cut which gathers a just-committed result's escalated rows reads no file and parses
@@ -67,6 +71,8 @@ class WriteBehind:
     LIMIT = 64 << 20
     TABLES = 32 << 20
     GROUP = 16 << 20
+    LINGER = 0.005        # seconds a small group waits for more files before its sync
+    FEW = 32              # files that make a group big enough not to wait
 
     def __init__(self, root: str):
         self.root = root
@@ -80,6 +86,7 @@ class WriteBehind:
         self.table_bytes = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.flushing = 0
         self.thread = threading.Thread(target=self._run, name=f"write-behind:{root}", daemon=True)
         self.thread.start()
 
@@ -95,6 +102,7 @@ class WriteBehind:
                 return False
             if self.bytes > self.LIMIT:
                 t0 = time.perf_counter()
+                self.cond.notify_all()             # the writer must not linger now
                 while self.bytes > self.LIMIT and self.error is None:
                     self.cond.wait()
                 self.stats["waited_s"] += time.perf_counter() - t0
@@ -102,7 +110,8 @@ class WriteBehind:
             self.pending[rel] = data
             self.queue.append((rel, data, once))
             self.bytes += len(data)
-            self.cond.notify_all()
+            if len(self.queue) in (1, self.FEW):   # wake the writer: idle, or a group is full
+                self.cond.notify_all()
             return True
 
     def remember(self, rel: str, table: pa.Table, meta: dict, size: int):
@@ -140,8 +149,13 @@ class WriteBehind:
 
     def flush(self):
         with self.cond:
-            while self.queue and self.error is None:
-                self.cond.wait()
+            self.flushing += 1
+            self.cond.notify_all()
+            try:
+                while self.queue and self.error is None:
+                    self.cond.wait()
+            finally:
+                self.flushing -= 1
             self.check()
 
     def close(self):
@@ -160,6 +174,12 @@ class WriteBehind:
                     self.cond.wait()
                 if not self.queue:
                     return
+                # A few files wait a moment for more: one sync (and one wake-up of this
+                # thread) for many files costs the caller's core less than one for each few.
+                until = time.monotonic() + self.LINGER
+                while (len(self.queue) < self.FEW and not self.closed and not self.flushing
+                       and self.bytes <= self.LIMIT // 2 and (left := until - time.monotonic()) > 0):
+                    self.cond.wait(left)
                 group, size = [], 0                 # what is queued now, up to GROUP bytes
                 for item in self.queue:
                     if group and size + len(item[1]) > self.GROUP:

@@ -3,6 +3,7 @@ any Store of the directory, files on disk in the order written, fsynced before t
 write-once kept, a failed write raised to the caller."""
 
 import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -71,3 +72,27 @@ def test_a_failed_background_write_is_raised_by_the_next_call(tmp_path, monkeypa
             s = Store(str(tmp_path))
             s.write_bytes("a.bin", b"x")
             s.flush()
+
+
+def test_a_lingering_group_never_holds_up_a_caller_that_waits(tmp_path, monkeypatch):
+    """A small group waits up to LINGER for more files before its sync; a flush, or a put into
+    a full queue, ends that wait at once (with a LINGER of a minute, either would hang)."""
+    monkeypatch.setattr(storage.WriteBehind, "LINGER", 60.0)
+    monkeypatch.setattr(storage.WriteBehind, "LIMIT", 1000)
+    groups = []
+    real = storage._write_local_group
+    monkeypatch.setattr(storage, "_write_local_group",
+                        lambda root, items: (groups.append(len(items)), real(root, items))[1])
+    with write_behind(str(tmp_path)):
+        s = Store(str(tmp_path))
+        s.write_bytes("a.bin", b"x")
+        t0 = time.monotonic()
+        s.flush()                                   # ends the linger of a group of one
+        assert time.monotonic() - t0 < 20           # not the minute of LINGER
+        assert (tmp_path / "a.bin").read_bytes() == b"x"
+        t0 = time.monotonic()
+        for i in range(5):                          # each put beyond LIMIT waits for the writer
+            s.write_bytes(f"big{i}.bin", b"y" * 800)
+        assert time.monotonic() - t0 < 20
+    assert groups[0] == 1 and sum(groups) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", *(f"big{i}.bin" for i in range(5))]
