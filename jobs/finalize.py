@@ -42,7 +42,7 @@ class _Part:
     is most of a row's bytes and does not go through it (its conversion of nested columns in
     and out cost more than the rest of finalize)."""
 
-    def __init__(self, job, files: list[str], start: int, end: int):
+    def __init__(self, job, files: list[str], start: int, end: int, inputs: "_Inputs"):
         from jobs.inputs import LINEAGE_NAME
         from jobs.job import result_tier
         from jobs.units import tier_column
@@ -95,10 +95,7 @@ class _Part:
             answer = answer.copy()
             answer[row[hit]] = np.flatnonzero(hit)
         response = values.field("response").take(pa.array(answer, mask=np.isnan(kept)))
-        inputs = job.meta["inputs"]
-        ends = np.cumsum([n for _, n in inputs])
-        files = pa.array([f for f, _ in inputs], pa.string())
-        source = files.take(pa.array(np.searchsorted(ends, np.arange(start, end), side="right")))
+        source = inputs.files(start, end)
         self.final = final.append_column("_cost", pa.array(np.add.reduceat(cost, offsets[:-1]))) \
             .append_column("_seconds", pa.array(np.add.reduceat(seconds, offsets[:-1]))) \
             .append_column("_response", response) \
@@ -113,6 +110,19 @@ class _Part:
     def lineage(self, lo: int, hi: int) -> pa.ListArray:
         """The `tiers` lists of input positions lo..hi-1: each row's runs in tier order."""
         return self.tiers.slice(lo - self.start, hi - lo)
+
+
+class _Inputs:
+    """The job's input files in input order (job.json's "inputs"): which one holds a position."""
+
+    def __init__(self, job):
+        inputs = job.meta["inputs"]
+        self.ends = np.cumsum([n for _, n in inputs])
+        self.names = pa.array([f for f, _ in inputs], pa.string())
+
+    def files(self, start: int, end: int) -> pa.Array:
+        """The input file of each position in [start, end)."""
+        return self.names.take(pa.array(np.searchsorted(self.ends, np.arange(start, end), side="right")))
 
 
 def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, start: int, end: int,
@@ -173,14 +183,14 @@ def write_results(job) -> int:
     rows, step = job.meta["rows"], max(job.spec.shard_rows * 16, 65536)
     tmp = f"results.tmp-{uuid.uuid4().hex[:8]}"
     store.makedirs(tmp)
-    part = 0
+    part, inputs = 0, _Inputs(job)
     try:
         for start in range(0, rows, step):
             end = min(start + step, rows)
             picked = [spans[i][1] for i in np.flatnonzero((lo < end) & (hi >= start))]
             if not picked:
                 raise RuntimeError(f"job {job.id}: input rows {start}..{end - 1} have no final row")
-            held = _Part(job, picked, start, end)
+            held = _Part(job, picked, start, end, inputs)
             con.register("unit_results", held.reader())
             _write_part(store, f"{tmp}/part-{part:05d}.parquet",
                         con.sql(query).to_arrow_reader(16384), held, start, end, job.id)

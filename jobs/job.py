@@ -30,7 +30,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from jobs.decide import make_policy
 from jobs.inputs import InputReader
@@ -143,15 +142,8 @@ def result_tier(rel: str) -> int:
     return int(rel.split("/")[1])
 
 
-def targets_of(next_tier: pa.Array) -> dict[int, int]:
-    """Rows per next tier, from a next_tier column (nulls: rows that stop)."""
-    vc = pc.value_counts(next_tier.drop_null())
-    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
-
-
 def targets_counted(codes: np.ndarray) -> dict[int, int]:
-    """Rows per next tier, from integer next-tier codes (negative: the row stops); what
-    targets_of gives for a next_tier column, from the numpy array a caller already holds."""
+    """Rows per next tier, from integer next-tier codes (negative: the row stops)."""
     counts = np.bincount(codes[codes >= 0])
     return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}
 

@@ -247,9 +247,9 @@ def answer(job, unit: dict, engine, fail_reason: str | None = None) -> Answers:
     return Answers(table, ok, errors, gens, (time.perf_counter() - t0) / max(len(ok), 1))
 
 
-def execute(job, unit: dict, engine, fail_reason: str | None = None) -> pa.Table:
-    """Run one unit's rows on its tier (`answer`) and decide: the unit's result table."""
-    return decide_units(job, unit["tier"], [answer(job, unit, engine, fail_reason)])[0].table
+def execute(job, unit: dict, engine, fail_reason: str | None = None) -> "Result":
+    """Run one unit's rows on its tier (`answer`) and decide: the unit's Result."""
+    return decide_units(job, unit["tier"], [answer(job, unit, engine, fail_reason)])[0]
 
 
 @dataclasses.dataclass
@@ -519,15 +519,11 @@ def _decide_each(job, answered: list[tuple[dict, Answers]], state):
     return out
 
 
-def write_result(job, unit_id: str, tier: int, result: Result | pa.Table) -> dict[int, int] | None:
+def write_result(job, unit_id: str, tier: int, result: Result) -> dict[int, int] | None:
     """Commit a unit's result, write-once. Returns its escalation targets, or None if a result
     was committed first by someone else."""
-    from jobs.job import result_file, targets_of
+    from jobs.job import result_file
 
-    if isinstance(result, pa.Table):
-        pos = result.column("_row").to_numpy()
-        result = Result(result, targets_of(result.column("next_tier")),
-                        [int(pos.min()), int(pos.max())] if len(pos) else None)
     ok = job.store.write_arrow(result_file(unit_id, tier), result.table,
                                {"unit": unit_id, "rows": result.table.num_rows,
                                 "targets": result.targets, "span": result.span}, once=True)
