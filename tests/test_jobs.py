@@ -140,6 +140,8 @@ def test_directory_and_glob_inputs_get_stable_ids(tmp_path):
         job = run_embedded(make_spec(tmp_path, inp), engine_factory=scripted_factory(), overwrite=True)
         out = results(job.dir)
         assert out["id"].to_list() == [f"a:{i}" for i in range(5)] + [f"b:{i}" for i in range(4)]
+        # each row's file follows from its input position (job.json's "inputs")
+        assert [Path(f).name for f in out["source_file"]] == ["a.parquet"] * 5 + ["b.parquet"] * 4
 
 
 def test_a_job_directory_of_another_layout_is_refused_and_can_be_overwritten(tmp_path):
