@@ -29,6 +29,8 @@ from jobs import failpoints
 
 log = logging.getLogger(__name__)
 SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
+PART_ROWS = 65536          # an output part holds at least this many rows,
+PART_SHARDS = 16           # and at least this many shards' worth
 
 
 class _Part:
@@ -180,7 +182,7 @@ def write_results(job) -> int:
     con.execute("SET VARIABLE policy_version = ?", [job.meta["policy_version"]])
     con.execute("SET VARIABLE job_id = ?", [job.id])
     query = SQL.read_text()
-    rows, step = job.meta["rows"], max(job.spec.shard_rows * 16, 65536)
+    rows, step = job.meta["rows"], max(job.spec.shard_rows * PART_SHARDS, PART_ROWS)
     tmp = f"results.tmp-{uuid.uuid4().hex[:8]}"
     store.makedirs(tmp)
     part, inputs = 0, _Inputs(job)
