@@ -5,11 +5,17 @@
 -- Columns: tier, name, audited, agreement, predicted.
 -- Run: duckdb -cmd "SET VARIABLE job = 'runs/demo'" < sql/audit.sql
 CREATE OR REPLACE TEMP MACRO norm_label(s) AS trim(regexp_replace(lower(s), '[^a-z0-9]+', ' ', 'g'));
-WITH r AS (SELECT tiers FROM read_parquet(getvariable('job') || '/results/*.parquet')),
+-- A row's runs are unnested with their positions (only the struct fields used are read: indexing
+-- tiers[i] would read every field of every run), and each audited run is paired with the run
+-- after it in the same row (file and row number identify the row).
+WITH runs AS (
+  SELECT filename AS f, file_row_number AS n, unnest(tiers) AS t, generate_subscripts(tiers, 1) AS i
+  FROM read_parquet(getvariable('job') || '/results/*.parquet', filename = true, file_row_number = true)
+),
 pairs AS (
-  SELECT tiers[i] AS a, tiers[i + 1] AS b
-  FROM r, range(1, len(tiers)) AS g(i)
-  WHERE tiers[i].audit AND tiers[i + 1].status = 'ok'
+  SELECT x.t AS a, y.t AS b
+  FROM runs x JOIN runs y ON y.f = x.f AND y.n = x.n AND y.i = x.i + 1
+  WHERE x.t.audit AND y.t.status = 'ok'
 )
 SELECT a.tier AS tier, any_value(a.name) AS name, count(*) AS audited,
        avg((norm_label(a.response) = norm_label(b.response))::INT) AS agreement,

@@ -15,15 +15,22 @@
 CREATE OR REPLACE TEMP MACRO norm_label(s) AS trim(regexp_replace(lower(s), '[^a-z0-9]+', ' ', 'g'));
 CREATE OR REPLACE TEMP MACRO label_match(resp, ref) AS
   (norm_label(resp) = norm_label(ref) OR starts_with(norm_label(resp), norm_label(ref) || ' '));
+-- A row's runs are unnested with their positions (only the struct fields used are read: indexing
+-- tiers[i] would read every field of every run), and each run is paired with the run after it
+-- in the same row, if any (file and row number identify the row).
 WITH r AS (
-  SELECT reference, tiers
-  FROM read_parquet(getvariable('job') || '/results/*.parquet', union_by_name = true)
+  SELECT filename AS f, file_row_number AS n, reference, tiers
+  FROM read_parquet(getvariable('job') || '/results/*.parquet', union_by_name = true,
+                    filename = true, file_row_number = true)
   WHERE reference IS NOT NULL
 ),
+runs AS (
+  SELECT f, n, reference, unnest(tiers) AS t, generate_subscripts(tiers, 1) AS i FROM r
+),
 steps AS (
-  SELECT r.reference, r.tiers[i] AS a, r.tiers[i + 1] AS b
-  FROM r, range(1, len(r.tiers) + 1) AS g(i)
-  WHERE r.tiers[i].status = 'ok'
+  SELECT x.reference, x.t AS a, y.t AS b
+  FROM runs x LEFT JOIN runs y ON y.f = x.f AND y.n = x.n AND y.i = x.i + 1
+  WHERE x.t.status = 'ok'
 ),
 judged AS (
   SELECT a.tier + 1 AS tier,
@@ -33,7 +40,7 @@ judged AS (
               ELSE 'skipped' END AS kind,
          CASE WHEN b.tier = a.tier + 1 AND b.status = 'ok'
               THEN coalesce(label_match(b.response, reference), false)::INT ELSE 0 END AS q,
-         b.name AS next_name
+         CASE WHEN b.tier = a.tier + 1 THEN b.name END AS next_name     -- not a skip's target
   FROM steps
 ),
 agg AS (

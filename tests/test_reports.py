@@ -314,3 +314,37 @@ def test_choice_calibration_bins_choice_prob_against_observed_quality(tmp_path):
     assert res.exit_code == 0 and png_size(out / "choice_calibration.png") == (640, 400)
     assert png_size(out / "calibration.png") == (640, 400)           # p_quality's, as before
     assert "Calibration of choice_prob" in (out / "report.md").read_text()
+
+
+def test_tier_quality_names_each_tier_and_pairs_runs_within_their_row(tmp_path):
+    """Three tiers; tier 0 escalates some rows straight to tier 2 (a skip). Each later tier's
+    row in tier_quality is named by that tier, not by a skip's target; runs pair with the next
+    run of the same row, in either result file (audit: the audited run's answer against the
+    next tier's)."""
+    names = ["small", "mid", "xl"]         # the skip target "xl" sorts after "mid"
+
+    def run(tier, response, decision="stop", audit=False):
+        return {**rec(0, response, cost=1.0 + tier, decision=decision, audit=audit),
+                "tier": tier, "name": names[tier]}
+
+    rows = []
+    for i in range(12):
+        if i < 4:                                             # skip: tier 0 -> tier 2
+            t = [run(0, "negative", "escalate:2"), run(2, "positive")]
+        elif i < 8:                                           # tier 0 -> 1 -> stop
+            t = [run(0, "negative", "escalate:1"), run(1, "positive" if i < 7 else "negative")]
+        else:                                                 # audited at tier 0
+            t = [run(0, "positive", "escalate:1", audit=True), run(1, "positive" if i < 11 else "no")]
+        rows.append({"id": f"r{i}", "prompt": "p" * 10, "response": t[-1]["response"],
+                     "final_tier": t[-1]["tier"], "final_tier_name": t[-1]["name"],
+                     "tiers_run": [x["tier"] for x in t], "tiers": t, "status": "ok", "error": None,
+                     "cost": 1.0, "seconds": 1.0, "reference": "positive"})
+    job = str(write_job(tmp_path / "job", rows))
+    res = report.run_all(job)
+    tq = {r[0]: dict(zip(res["tier_quality"][0], r)) for r in res["tier_quality"][1]}
+    assert tq[1]["name"] == "mid"
+    assert (tq[1]["rows_base"], tq[1]["escalated"], tq[1]["audited"]) == (12, 4, 4)
+    assert tq[1]["quality_estimate"] is None                  # tier 0 skipped rows past tier 1
+    audit = [dict(zip(res["audit"][0], r)) for r in res["audit"][1]]
+    assert [(a["tier"], a["name"], a["audited"]) for a in audit] == [(0, "small", 4)]
+    assert audit[0]["agreement"] == pytest.approx(3 / 4)
