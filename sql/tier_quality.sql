@@ -18,13 +18,15 @@ CREATE OR REPLACE TEMP MACRO label_match(resp, ref) AS
 -- A row's runs are unnested with their positions (only the struct fields used are read: indexing
 -- tiers[i] would read every field of every run), and each run is paired with the run after it
 -- in the same row, if any (file and row number identify the row).
-WITH r AS (
+-- NOT MATERIALIZED: the runs are read once per side of the join rather than held whole in
+-- memory (a quarter less peak memory at 1M rows, same speed).
+WITH r AS NOT MATERIALIZED (
   SELECT filename AS f, file_row_number AS n, reference, tiers
   FROM read_parquet(getvariable('job') || '/results/*.parquet', union_by_name = true,
                     filename = true, file_row_number = true)
   WHERE reference IS NOT NULL
 ),
-runs AS (
+runs AS NOT MATERIALIZED (
   SELECT f, n, reference, unnest(tiers) AS t, generate_subscripts(tiers, 1) AS i FROM r
 ),
 steps AS (
