@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 GEN = """
 COPY (
@@ -58,7 +59,6 @@ def main():
     args = ap.parse_args()
     job = Path(args.dir)
     if args.child:
-        sys.path.insert(0, str(ROOT))
         from jobs.report import write_report
 
         t0 = time.perf_counter()
@@ -72,7 +72,6 @@ def main():
     t0 = time.perf_counter()
     (job / "results").mkdir(parents=True, exist_ok=True)
     duckdb.connect().execute(GEN.format(rows=args.rows, out=job))
-    sys.path.insert(0, str(ROOT))
     import pyarrow.parquet as pq
 
     from jobs.units import TIER_STRUCT

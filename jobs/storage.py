@@ -58,7 +58,8 @@ class WriteBehind:
 
     A group of fewer than FEW files waits up to LINGER for more before its sync: one sync and
     one wake-up of the thread for ~20 files instead of ~4 (on one core, 10% of a 1M-row run).
-    A caller that waits (flush, a full queue) ends the wait at once, so nothing waits LINGER.
+    A caller that waits for the writer (flush, a put into a full queue) ends that wait at once
+    (`waiters`), so nothing waits LINGER.
 
     It also remembers what it wrote, for the run it serves: the metadata of every Arrow file
     (a few hundred bytes each), and the tables of the most recent ones up to TABLES bytes, so
@@ -86,7 +87,7 @@ class WriteBehind:
         self.table_bytes = 0
         self.cond = threading.Condition()
         self.closed = False
-        self.flushing = 0
+        self.waiters = 0                 # callers waiting for the writer: it must not linger
         self.thread = threading.Thread(target=self._run, name=f"write-behind:{root}", daemon=True)
         self.thread.start()
 
@@ -102,9 +103,7 @@ class WriteBehind:
                 return False
             if self.bytes > self.LIMIT:
                 t0 = time.perf_counter()
-                self.cond.notify_all()             # the writer must not linger now
-                while self.bytes > self.LIMIT and self.error is None:
-                    self.cond.wait()
+                self._wait(lambda: self.bytes > self.LIMIT)
                 self.stats["waited_s"] += time.perf_counter() - t0
             self.check()
             self.pending[rel] = data
@@ -147,15 +146,20 @@ class WriteBehind:
             self.check()
             return self.pending.get(rel)
 
+    def _wait(self, until_not):
+        """Wait (holding self.cond) while `until_not()` holds and no write failed, telling the
+        writer not to linger meanwhile."""
+        self.waiters += 1
+        self.cond.notify_all()
+        try:
+            while until_not() and self.error is None:
+                self.cond.wait()
+        finally:
+            self.waiters -= 1
+
     def flush(self):
         with self.cond:
-            self.flushing += 1
-            self.cond.notify_all()
-            try:
-                while self.queue and self.error is None:
-                    self.cond.wait()
-            finally:
-                self.flushing -= 1
+            self._wait(lambda: self.queue)
             self.check()
 
     def close(self):
@@ -177,8 +181,8 @@ class WriteBehind:
                 # A few files wait a moment for more: one sync (and one wake-up of this
                 # thread) for many files costs the caller's core less than one for each few.
                 until = time.monotonic() + self.LINGER
-                while (len(self.queue) < self.FEW and not self.closed and not self.flushing
-                       and self.bytes <= self.LIMIT // 2 and (left := until - time.monotonic()) > 0):
+                while (len(self.queue) < self.FEW and not self.closed and not self.waiters
+                       and (left := until - time.monotonic()) > 0):
                     self.cond.wait(left)
                 group, size = [], 0                 # what is queued now, up to GROUP bytes
                 for item in self.queue:
