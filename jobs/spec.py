@@ -306,7 +306,11 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
     base = Path(base_dir).resolve()
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: must be a mapping, got {type(raw).__name__}")
-    raw = {**raw, **(overrides or {})}
+    overrides = dict(overrides or {})
+    engine = overrides.pop("engine", None)      # `--engine NAME`: every tier on that engine
+    raw = {**raw, **overrides}
+    if engine and isinstance(raw.get("tiers"), list):
+        raw["tiers"] = [{**t, "engine": engine} if isinstance(t, dict) else t for t in raw["tiers"]]
     try:
         spec = RawJob.model_validate(raw)
     except ValidationError as exc:

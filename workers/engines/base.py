@@ -202,12 +202,16 @@ class Engine:
         choice_prob and choice_margin set (see `chosen`)."""
         raise NotImplementedError(f"engine {self.name!r} cannot score a fixed set of answers (choices)")
 
+    def close(self) -> None:
+        """Release what the engine holds beyond this process's memory (vLLM: its processes)."""
+
 
 _REGISTRY: dict[str, str] = {
     "transformers": "workers.engines.transformers_engine:TransformersEngine",
     "vllm": "workers.engines.vllm_engine:VLLMEngine",
 }
 _LOADED: OrderedDict = OrderedDict()
+_FAILED: dict[tuple, str] = {}
 _LOCK = threading.Lock()
 
 
@@ -241,17 +245,44 @@ def engine_class(name: str) -> type:
     return target
 
 
+class EngineStartError(RuntimeError):
+    """A tier's engine could not start in this process. Raised again, without another start,
+    for every later unit of that tier: a start that failed (a model that is not there, memory
+    that is not there) fails the same way, and each start can cost a minute."""
+
+
+def _key(tier) -> tuple:
+    return (tier.engine, tier.model, tier.device, tier.dtype, tier.context,
+            tuple(sorted((k, repr(v)) for k, v in tier.engine_args.items())))
+
+
 def get_engine(tier, keep: int = 2) -> Engine:
     """The loaded engine for a tier spec; a process loads each model once and keeps the `keep`
-    most recently used ones."""
-    key = (tier.engine, tier.model, tier.device, tier.dtype, tier.context,
-           tuple(sorted(tier.engine_args.items())))
+    most recently used ones (an evicted engine is closed). An engine that failed to start is
+    not started again by this process: every later call raises EngineStartError with the
+    first failure's reason."""
+    key = _key(tier)
     with _LOCK:
         if key in _LOADED:
             _LOADED.move_to_end(key)
             return _LOADED[key]
+        if key in _FAILED:
+            raise EngineStartError(_FAILED[key])
         while len(_LOADED) >= keep:
-            _LOADED.popitem(last=False)
-        engine = engine_class(tier.engine)(tier)
+            _, old = _LOADED.popitem(last=False)
+            old.close()
+        try:
+            engine = engine_class(tier.engine)(tier)
+        except Exception as exc:
+            _FAILED[key] = (f"the {tier.engine} engine of tier {tier.name} could not start "
+                            f"({tier.model}): {type(exc).__name__}: {exc}")
+            raise EngineStartError(_FAILED[key]) from exc
         _LOADED[key] = engine
         return engine
+
+
+def close_engines() -> None:
+    """Close every engine this process loaded (their worker processes stop)."""
+    with _LOCK:
+        while _LOADED:
+            _LOADED.popitem(last=False)[1].close()
