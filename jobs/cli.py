@@ -330,7 +330,7 @@ def entry():
     is flushed. Native thread pools (Arrow's, DuckDB's) could abort the process at interpreter
     teardown, after the command had finished and printed its result ("terminate called without
     an active exception", SIGABRT, exit -6 where a script expects 2); the command's work is
-    complete by then, so the process skips that teardown."""
+    complete by then, so the process skips that teardown, after closing its engines."""
     try:
         main(standalone_mode=True)
         code = 0
@@ -338,6 +338,9 @@ def entry():
         if isinstance(exc.code, str):
             click.echo(exc.code, err=True)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    from workers.engines.base import close_engines
+
+    close_engines()          # os._exit runs no atexit handler: stop engine processes (vLLM) now
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -145,10 +145,20 @@ def _alive(pid: int) -> bool:
 
 
 def children() -> set[int]:
-    """This process's descendants now (psutil: vLLM depends on it)."""
+    """This process's descendants now (psutil: vLLM depends on it), less multiprocessing's
+    resource tracker: it ignores SIGTERM by design, ends by itself with its owner, and is shared
+    by everything in the process that uses multiprocessing."""
     import psutil
 
-    return {c.pid for c in psutil.Process(os.getpid()).children(recursive=True)}
+    out = set()
+    for c in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if any("resource_tracker" in part for part in c.cmdline()):
+                continue
+        except psutil.Error:          # gone already, or not ours to read
+            pass
+        out.add(c.pid)
+    return out
 
 
 def watchdog_pid() -> int | None:

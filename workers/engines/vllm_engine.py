@@ -245,11 +245,14 @@ class VLLMEngine(Engine):
             return
         from workers.engines import guard
 
+        # SIGTERM to the engine processes (vLLM's EngineCore and Worker shut down on it) and wait
+        # until every one is gone: vLLM's own shutdown waits 5 s for its worker, then returns
+        # while it may still be exiting. Then vLLM's client-side shutdown, with nothing to wait for.
+        guard.stop(self._pids)
         try:
             llm.llm_engine.engine_core.shutdown()
         except Exception as exc:          # pragma: no cover - best effort at exit
             log.warning("vLLM shutdown: %s", exc)
-        guard.release(self._pids)
 
     # ------------------------------------------------------------------ internals
     def _encode(self, prompts) -> list[list[int]]:
