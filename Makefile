@@ -35,9 +35,11 @@ demo-artifact: install
 	$(BIN)/python examples/demo/artifact_demo.py
 
 test: install
+	bash .ci/redis-up
 	$(BIN)/python -m pytest -q
 
 test-fast: install
+	bash .ci/redis-up
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

@@ -507,8 +507,9 @@ def _decide_each(job, answered: list[tuple[dict, Answers]], state):
     if len(answered) > 1 and all(a.table.schema.equals(schema) for _, a in answered):
         try:
             return list(zip([u for u, _ in answered], decide_units(job, tier, [a for _, a in answered])))
-        except Exception:                     # judged again one by one, so only its unit fails
-            pass
+        except Exception as exc:              # judged again one by one, so only its unit fails
+            log.warning("deciding %d units of tier %d together failed (%s: %s); deciding them one "
+                        "by one", len(answered), tier, type(exc).__name__, exc)
     out = []
     for unit, a in answered:
         try:
