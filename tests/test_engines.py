@@ -10,8 +10,9 @@ import pytest
 
 from jobs.spec import Sampling
 from workers.engines import base
+from workers.engines.base import shared_prefix
 from workers.engines.vllm_engine import (CPU_DEFAULTS, choice_requests, llm_kwargs, parse_request_output,
-                                         sampling_kwargs, shared_prefix)
+                                         sampling_kwargs)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def test_vllm_choice_requests_score_each_token_once():
     assert more == [([1, 2, 8], 9), ([1, 2, 8, 9], 10)]
     assert where == [[[("first", 0, 7)], [("first", 0, 8), ("more", 0, 9), ("more", 1, 10)]],
                      [[("first", 1, 7)], [("first", 1, 8)]]]
-    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and shared_prefix([[5]]) == 1
+    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2, 5]]) == 2 and shared_prefix([[1, 2, 3], [1, 2]]) == 1
 
 
 def test_chosen_renormalises_over_the_choices():

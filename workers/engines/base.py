@@ -56,6 +56,19 @@ def choice_text(prompt: str, choice: str) -> str:
     return ("" if prompt[-1:].isspace() else " ") + choice
 
 
+def shared_prefix(ids: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the last
+    prompt token's logits are where generation starts)."""
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for other in ids[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 def chosen_each(prompt_tokens: list[int], choices: list[list[str]], scores: list[list[float]]) -> list[Generation]:
     """`chosen` per row, from the flat list of every row's choices' token log-probabilities."""
     out, at = [], 0

@@ -16,11 +16,15 @@ exits once it has nothing left to guard and its parent is gone.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 _WATCHDOG = r"""
 import os, signal, sys, time
@@ -52,7 +56,7 @@ _PROC: subprocess.Popen | None = None
 
 def _watchdog() -> subprocess.Popen:
     global _PROC
-    if _PROC is None or _PROC.poll() is not None or _PROC.pid is None:
+    if _PROC is None or _PROC.poll() is not None:
         # start_new_session: a Ctrl-C to the terminal's process group does not stop the watchdog
         # before it has done its work (the guarded processes get the Ctrl-C themselves).
         _PROC = subprocess.Popen([sys.executable, "-c", _WATCHDOG, "5"], stdin=subprocess.PIPE,
@@ -114,9 +118,6 @@ def new_children(every: float = 0.1):
 def stop(pids, grace: float = 5.0) -> None:
     """Stop these processes now: SIGTERM, then SIGKILL after `grace` seconds; reap our own
     children so none is left a zombie (e.g. an engine whose start failed half-way)."""
-    import signal
-    import time
-
     pids = {int(p) for p in pids}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
@@ -173,14 +174,10 @@ class StderrTail:
     the forwarding thread keeps copying to the real stderr until the last of them is gone."""
 
     def __init__(self, keep: int = 200):
-        import collections
-
         self.lines: collections.deque = collections.deque(maxlen=keep)
 
     def __enter__(self):
-        import sys as _sys
-
-        _sys.stderr.flush()
+        sys.stderr.flush()
         self._saved = os.dup(2)
         read, write = os.pipe()
         os.dup2(write, 2)
@@ -203,15 +200,11 @@ class StderrTail:
                 self.lines.extend(x.decode(errors="replace") for x in done)
 
     def __exit__(self, *exc):
-        import sys as _sys
-
-        _sys.stderr.flush()
+        sys.stderr.flush()
         os.dup2(self._saved, 2)          # this process writes to the real stderr again
 
     def root_cause(self) -> str | None:
         """The last exception line ("SomethingError: ...") seen, if any."""
-        import re
-
         for line in reversed(self.lines):
             m = re.search(r"\b([A-Z]\w*(?:Error|Exception)): (.+)$", line)
             if m and "initialization failed" not in m.group(2):

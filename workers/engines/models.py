@@ -72,9 +72,7 @@ CACHE_FORMAT = 2
 
 def _gguf_key(path: Path) -> str:
     st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    if CACHE_FORMAT > 1:
-        key += f":format{CACHE_FORMAT}"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:format{CACHE_FORMAT}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

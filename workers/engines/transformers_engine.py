@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from workers.engines.base import Engine, Generation, choice_text, chosen_each
+from workers.engines.base import Engine, Generation, choice_text, chosen_each, shared_prefix
 from workers.engines.models import local_dir
 
 log = logging.getLogger(__name__)
@@ -289,16 +289,3 @@ class TransformersEngine(Engine):
             gens.append(Generation(text=text, token_logprobs=[float(x) for x in logp[b, :n].tolist()],
                                    finish_reason=reason, prompt_tokens=int(prompt_lens[b])))
         return gens
-
-
-def shared_prefix(ids: list[list[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one token of its own (the last
-    prompt token's logits are where generation starts)."""
-    n = min(len(x) for x in ids) - 1
-    first = ids[0]
-    for other in ids[1:]:
-        k = 0
-        while k < n and other[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)

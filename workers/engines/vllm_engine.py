@@ -33,9 +33,7 @@ import logging
 import math
 import time
 
-import numpy as np
-
-from workers.engines.base import Engine, Generation, Generations, choice_text, chosen_each
+from workers.engines.base import Engine, Generation, choice_text, chosen_each, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,6 @@ CPU_DEFAULTS = {
     "enforce_eager": True,      # no torch.compile: the engine starts in seconds, not minutes
     "block_size": 32,           # prefix caching shares whole blocks: a 115-token few-shot prefix
 }                               # shares 96 tokens at 32 (none at vLLM's CPU default of 128)
-PROJECT_ARGS = ("kv_cache_gib",)
 
 
 def sampling_kwargs(sampling) -> dict:
@@ -124,19 +121,6 @@ def choice_requests(prompt_ids: list[list[int]], choice_ids: list[list[list[int]
     return firsts, more, where
 
 
-def shared_prefix(ids: list[list[int]]) -> int:
-    """Tokens every row starts with."""
-    if not ids:
-        return 0
-    first, n = ids[0], min(len(x) for x in ids)
-    for other in ids[1:]:
-        k = 0
-        while k < n and other[k] == first[k]:
-            k += 1
-        n = k
-    return n
-
-
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -206,8 +190,7 @@ class VLLMEngine(Engine):
     def generate(self, prompts, sampling):
         """One call per unit (two when its shared prefix is new: see the module's docstring)."""
         ids = self._encode(prompts)
-        outs = self._run(ids, self._params(**sampling_kwargs(sampling)))
-        return _generations(outs)
+        return [parse_request_output(o) for o in self._run(ids, self._params(**sampling_kwargs(sampling)))]
 
     def choose(self, prompts, choices):
         """Every choice scored from vLLM's log-probabilities of its tokens after the prompt (the
@@ -281,18 +264,3 @@ def _version() -> str:
         except PackageNotFoundError:
             pass
     return "?"
-
-
-def _generations(outs) -> Generations:
-    """RequestOutputs as one column-wise batch."""
-    text, finish, ptok, lps, offsets = [], [], [], [], [0]
-    for out in outs:
-        comp = out.outputs[0]
-        text.append(comp.text)
-        finish.append("length" if comp.finish_reason == "length" else "stop")
-        ptok.append(len(out.prompt_token_ids or []))
-        row = [_token_logprob(e, t) for e, t in zip(comp.logprobs or [], comp.token_ids)]
-        lps.extend(x for x in row if not math.isnan(x))
-        offsets.append(len(lps))
-    return Generations(text, finish, np.asarray(ptok, np.int64), np.asarray(lps, np.float64),
-                       np.asarray(offsets, np.int64))
