@@ -133,11 +133,18 @@ def test_finalize_lease_expiry_and_last_attempt(state):
 def test_cancelled_jobs_start_nothing_and_cut_nothing(state):
     state.load(snapshot([unit_record(f"t0-s{i}", 0, f"routed/s{i}.arrow", 10) for i in range(2)],
                         waiting=[[], [("s9", 3)], []]), 0.0)
+    assert state.start("t0-s0", "w", 1.0)[0] == "run"
     state.set_state("cancelled")
-    assert state.start("t0-s0", "w", 1.0)[0] == "cancelled"
-    state.set_state("running")
-    state.start("t0-s0", "w", 1.0)
+    assert state.start("t0-s1", "w", 1.0)[0] == "cancelled"
+    # A unit that was running when the job was cancelled commits its 10 escalated rows: with
+    # 13 rows waiting for tier 1 (batch 12) a running job would cut, a cancelled one cuts nothing
+    # and never moves to finalizing.
     adv = state.done("t0-s0", {1: 10}, 2.0)
+    assert adv.cuts == [] and not adv.finalize
+    assert state.job()["state"] == "cancelled"
+    assert state.reap(1000.0, stale_after=1e9).cuts == []
+    state.set_state("running")                     # the same commit on a running job does cut
+    adv = state.advance(3.0)
     assert [(c["rows"], c["sources"]) for c in adv.cuts] == [(13, ["s9", "t0-s0"])]   # FIFO
 
 
