@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import random
 import time
 from pathlib import Path
 
@@ -268,13 +269,29 @@ def test_cancel_stops_and_resume_finishes(tmp_path):
     assert control.status(job.dir)["state"] == "done" and len(results(job.dir)) == 30
 
 
+def test_backoff_is_exponential_with_full_jitter_and_capped(monkeypatch):
+    from jobs.units import backoff
+
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "3")
+    random.seed(7)
+    for attempt, cap in [(1, 3.0), (2, 6.0), (4, 24.0), (9, 600.0), (30, 600.0)]:
+        waits = [backoff(attempt) for _ in range(4000)]
+        assert 0 <= min(waits) and max(waits) <= cap
+        # full jitter: uniform over [0, cap], so its mean is cap/2 and its spread reaches both ends
+        assert abs(sum(waits) / len(waits) - cap / 2) < 0.05 * cap
+        assert min(waits) < 0.05 * cap and max(waits) > 0.95 * cap
+
+
 def test_engine_failures_are_retried_with_backoff_then_succeed(tmp_path, monkeypatch):
-    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.01")
+    # The jitter draws its upper end, so attempt k's retry waits exactly base * 2^(k-1).
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.4")
+    monkeypatch.setattr("jobs.units.random.uniform", lambda lo, hi: hi)
     inp = write_input(tmp_path / "in.parquet", 10)
     failures = {"left": 2}
-    seen = []
+    seen, calls = [], []
 
     def flaky(tier):
+        calls.append(time.monotonic())
         if failures["left"]:
             failures["left"] -= 1
             raise MemoryError("engine out of memory")
@@ -283,9 +300,13 @@ def test_engine_failures_are_retried_with_backoff_then_succeed(tmp_path, monkeyp
     def progress(st):
         seen.extend(st["failed"])
 
-    job = run_embedded(make_spec(tmp_path, inp), engine_factory=flaky, progress=progress)
+    job = run_embedded(make_spec(tmp_path, inp, shard_rows=10), engine_factory=flaky, progress=progress)
     assert len(results(job.dir)) == 10 and (results(job.dir)["status"] == "ok").all()
     assert seen and "engine out of memory" in seen[0]["error"] and seen[0]["attempts"] == 1
+    # one unit on tier 0: the second attempt came 0.4 s after the first failed, the third 0.8 s after the second
+    assert len(calls) >= 3
+    assert calls[1] - calls[0] >= 0.4 and calls[2] - calls[1] >= 0.8
+    assert calls[2] - calls[0] < 5.0
 
 
 def test_a_unit_out_of_attempts_becomes_per_row_errors_and_the_job_finishes(tmp_path, monkeypatch):
