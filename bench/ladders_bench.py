@@ -63,7 +63,7 @@ def main():
               f"| {f(c['fixed'])} | {f(c['frugalgpt'])} | {f(c['oracle'])} "
               f"| {d['cost_vs_best']:.3f} / {d['quality_vs_best']:.3f} | {fell} of {cascade} "
               f"| {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}"
-              + (f" | {s['online']['loglog_slope']:.2f}" if args.online else "") + " |", flush=True)
+              + (f" | {s['online'].get('loglog_slope', float('nan')):.2f}" if args.online else "") + " |", flush=True)
         print(f"  {path.stem}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

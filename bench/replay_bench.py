@@ -48,7 +48,7 @@ def main():
           f"{len(policy.points)} operating points")
     t_replay, decisions = timed(lambda: replay(policy, test.without_labels()), args.repeat)
     t_cost, _ = timed(lambda: per_row(decisions, test), args.repeat)
-    t_eval, _ = timed(lambda: evaluate(ladder), 1)
+    t_eval, _ = timed(lambda: evaluate(ladder, online=False), 1)
     t_online, _ = timed(lambda: evaluate(ladder, online=True, max_t=args.max_t), 1)
     decided = len(test) * len(policy.points)
     print(f"load_ladder: {t_load:.3f} s")

@@ -33,7 +33,12 @@ def _rewards(policy, ladder: Ladder, lam: float) -> np.ndarray:
 
 def online_regret(pool: Ladder, lam: float, *, max_t: int = 100_000, audit: float = 0.02,
                   warmup: int = 200, seed: int = 0, log=lambda m: None) -> dict:
-    """Stream `max_t` rows drawn with replacement from `pool`; lambda in the log's cost units."""
+    """Stream `max_t` rows drawn with replacement from `pool`; lambda in the log's cost units.
+    Regret is defined at one lambda, so a missing one (a fixed-tier operating point has none) is
+    refused rather than carried as NaN through every reward."""
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"online regret needs a finite lambda >= 0 (the quality/cost trade of "
+                         f"the rewards it compares); got {lam}")
     rng = np.random.default_rng(seed)
     n = pool.n_tiers
     stream = rng.integers(0, len(pool), max_t)

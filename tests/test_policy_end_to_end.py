@@ -167,6 +167,27 @@ def test_commands_have_help():
         assert cmd.help and "Example:" in cmd.help, name
 
 
+def test_online_learner_refits_from_audits_and_its_regret_flattens(tmp_path):
+    """The learner runs every tier until it has audits, then refits at doubling checkpoints: the
+    regret it adds per row after its later fits is a small part of what it paid per row while it
+    knew nothing, and the best static policy in hindsight is nearly matched."""
+    from cascade.online import online_regret
+
+    pool = load_ladder(three_tier(1200, seed=3))
+    policy, _ = fit_policy(pool)
+    lam = policy.point().lam / policy.cost_unit
+    o = online_regret(pool, lam, max_t=10_000)
+    assert [f["after_rows"] for f in o["refits"]] == [200, 400, 800, 1600, 3200, 6400]
+    regret = {r["T"]: r["regret"] for r in o["table"]}
+    warmup_per_row = regret[100] / 100                  # every tier run: all rows audited
+    late_per_row = (regret[10_000] - regret[3_000]) / 7_000
+    assert warmup_per_row > 0.02 and late_per_row < 0.2 * warmup_per_row
+    assert o["loglog_slope"] < 0.75                      # not linear: it learns
+    assert o["best_static_mean_reward"] - o["learner_mean_reward"] < 0.2 * warmup_per_row
+    with pytest.raises(ValueError, match="finite lambda"):
+        online_regret(pool, float("nan"), max_t=1000)
+
+
 def test_cli_eval_writes_the_papers_tables_through_the_report_renderer(tmp_path):
     import struct
 
