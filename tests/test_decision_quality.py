@@ -11,7 +11,7 @@ from cascade.features import Observations
 from cascade.ladder import load_ladder
 from cascade.policy import row_hash
 from cascade.runtime import replay
-from tests.synthetic import band_ladder, confidence_ladder, noise_ladder
+from tests.synthetic import band_ladder, confidence_ladder, noise_ladder, three_tier
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,38 @@ def test_small_set_uses_the_confidence_column_not_the_mlp(confident):
     # tier 0's answer, once seen: 400 rows, one informative number -> a simple model of it
     assert chosen[((0,), 0)] in ("monotone:logprob@tier0", "linear"), chosen
     assert set(chosen.values()) <= {"prior", "linear", "gbt", "mlp"} | {f"monotone:logprob@tier{t}" for t in (0, 1)}
-    # every choice is the lowest out-of-fold log-loss among the candidates
+    # every choice is the lowest out-of-fold log-loss among the candidates, and the predictor the
+    # policy runs for that state and tier is the one the report names
     for m in report.model_choice:
         assert m["log_loss"][m["model"]] == min(m["log_loss"].values())
+        assert policy.predictors[tuple(m["state"])].heads[m["tier"]] == m["model"], m
+
+
+def log_loss(p, y):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def test_the_reported_log_losses_hold_on_rows_the_fit_never_saw(confident):
+    """The report's numbers are checked against quantities computed here: the prior's loss is
+    the entropy of the tier's success rate, and on 3000 fresh rows the chosen predictors score
+    what the report said out of fold, far better than the base rate where tier 0's logprob is
+    known, and never clearly worse than it anywhere."""
+    policy, report, cal = confident
+    fresh = load_ladder(confidence_ladder(3000, seed=5), require_quality=True)
+    for m in report.model_choice:
+        q = cal.quality[m["tier"]].mean()
+        assert m["log_loss"]["prior"] == pytest.approx(-(q * np.log(q) + (1 - q) * np.log(1 - q)), abs=0.005)
+        obs = Observations(fresh.prompts, fresh.prompt_text, fresh.prompt_num)
+        for t in m["state"]:
+            obs.reveal(t, list(fresh.outputs[t]), fresh.cost[t], {k: v[t] for k, v in fresh.output_num.items()})
+        y = fresh.quality[m["tier"]]
+        held_out = log_loss(policy.predict(obs, tuple(m["state"]))[:, m["tier"]], y)
+        base = log_loss(np.full(len(y), q), y)
+        assert held_out < base + 0.01, m
+        assert held_out == pytest.approx(m["log_loss"][m["model"]], abs=0.04), (held_out, m)
+        if m["tier"] == 0 and 0 in m["state"]:
+            assert held_out < base - 0.2, (held_out, base)
 
 
 def test_confidence_is_used_monotonically_and_non_finite_values_are_placed(confident):
@@ -87,8 +116,20 @@ def test_noise_ladder_falls_back_to_fixed_tiers_and_does_no_harm():
     kept = [p for p in points if p["kind"] == "cascade"]
     assert any(p["kind"] == "fixed-tier mix" for p in points)
     assert all(p["confidence_better"] >= s["no_harm"]["confidence"] for p in kept)
+    # The bootstrap resamples: a real interval around the estimate, and with no signal to use it
+    # excludes any large gain (a ladder with signal is checked below).
     lo, hi = s["bootstrap"]["gain"]
-    assert lo <= s["gain"] <= hi
+    assert lo < s["gain"] < hi and 0.02 < hi - lo < 0.3 and hi < 0.15, (lo, s["gain"], hi)
+    c_lo, c_hi = s["bootstrap"]["policy_cost_at_99pct"]
+    assert c_lo < s["cost_at_99pct_of_best_quality"]["policy"] < c_hi
+
+
+def test_bootstrap_interval_excludes_zero_where_the_policy_has_signal():
+    s = evaluate(load_ladder(three_tier(1500, seed=2), require_quality=True), online=False).summary
+    lo, hi = s["bootstrap"]["gain"]
+    assert 0.2 < lo < s["gain"] < hi and hi - lo < 0.3, (lo, s["gain"], hi)
+    c_lo, c_hi = s["bootstrap"]["policy_cost_at_99pct"]
+    assert c_lo < s["cost_at_99pct_of_best_quality"]["policy"] < c_hi < 0.95     # a real saving
 
 
 def test_fixed_tier_mix_points_assign_rows_by_hash():
