@@ -70,11 +70,15 @@ def test_three_tier_matches_exact_expectimax(lam):
     assert reward(res, lam) == pytest.approx(optimum, abs=0.01)
 
 
-def test_beats_every_threshold_vector():
+@pytest.mark.parametrize("seed", [2, 3])
+@pytest.mark.parametrize("lam", [0.2, 0.4, 0.8])
+def test_beats_every_threshold_vector(seed, lam):
     """Exhaustive search over the classic cascade's threshold vectors (0 -> 1 -> 2, stop when the
-    current tier's estimate clears its threshold) never finds a better policy than the DP."""
-    rng = np.random.default_rng(2)
-    N, lam = 20000, 0.4
+    current tier's estimate clears its threshold), each scored on the same rows' outcomes as the
+    DP, never finds a better policy: the DP may also skip tiers, which at lower lambdas is worth
+    a clear margin."""
+    rng = np.random.default_rng(seed)
+    N = 20000
     cost = np.repeat(np.array([0.1, 0.3, 1.0])[:, None], N, 1)
     diff = rng.random(N)
     acc = np.vstack([np.clip(1.05 - diff, 0, 1), np.clip(1.2 - diff, 0, 1), np.clip(1.5 - diff, 0, 1)])
@@ -89,4 +93,4 @@ def test_beats_every_threshold_vector():
     for t0, t1 in product(grid, grid):
         stop = np.where(noisy[0] >= t0, 0, np.where(noisy[1] >= t1, 1, 2))
         best = max(best, np.mean(quality[stop, rows] - lam * cum[stop, rows]))
-    assert reward(res, lam) >= best - 0.003
+    assert reward(res, lam) >= best + (0.02 if lam <= 0.4 else 0.0), (reward(res, lam), best)
