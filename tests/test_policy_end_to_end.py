@@ -69,29 +69,32 @@ def test_sweep_is_ordered_and_skips_the_useless_tier(three):
     assert cheap[0].mean() < dear[0].mean() and cheap[1].mean() < dear[1].mean()
     default = d.filter(pl.col("point") == policy.default_label)
     assert default["tiers_run"].list.contains(1).mean() < 0.1
-    # the default point keeps ~99% of the best tier's quality for less than its cost
+    # the default point is chosen to keep 99% of the best tier's quality (at 95% confidence on
+    # the calibration rows); on fresh rows it does, for clearly less than the best tier's cost
     c, q = outcome(default, test)
-    assert q.mean() >= 0.97 * test.quality[2].mean() and c.mean() < test.cost[2].mean()
+    assert q.mean() >= 0.99 * test.quality[2].mean() and c.mean() < 0.95 * test.cost[2].mean()
     metrics = [m for m in report.predictor_metrics if m["observed"] and m["auc"] is not None]
     assert all(0.5 < m["auc"] <= 1 and 0 <= m["ece"] < 0.1 for m in metrics)
 
 
 def test_replay_is_causal(three):
-    """Changing the logs of tiers a row never ran changes none of that row's decisions."""
+    """At every operating point, changing the logs of tiers a row never ran changes none of that
+    row's decisions."""
     policy, _, test = three
-    label = policy.default_label
-    d = by_row(replay(policy, test.without_labels(), [label]), test.row_ids)
-    tampered = test.without_labels()
-    tampered.outputs = tampered.outputs.copy()
-    tampered.cost = tampered.cost.copy()
-    for i, tr in enumerate(d["tiers_run"]):
-        for t in set(range(3)) - set(tr):
-            tampered.outputs[t, i] = "answer is no " * 40
-            tampered.cost[t, i] *= 100
-            tampered.output_num["mean_logprob"][t, i] = -99.0
-    d2 = by_row(replay(policy, tampered, [label]), test.row_ids)
-    assert d2["final_tier"].to_list() == d["final_tier"].to_list()
-    assert d2["tiers_run"].to_list() == d["tiers_run"].to_list()
+    for point in policy.points:
+        d = by_row(replay(policy, test.without_labels(), [point.label]), test.row_ids)
+        tampered = test.without_labels()
+        tampered.outputs = tampered.outputs.copy()
+        tampered.cost = tampered.cost.copy()
+        tampered.output_num = {k: v.copy() for k, v in tampered.output_num.items()}
+        for i, tr in enumerate(d["tiers_run"]):
+            for t in set(range(3)) - set(tr):
+                tampered.outputs[t, i] = "answer is no " * 40
+                tampered.cost[t, i] *= 100
+                tampered.output_num["mean_logprob"][t, i] = -99.0
+        d2 = by_row(replay(policy, tampered, [point.label]), test.row_ids)
+        assert d2["final_tier"].to_list() == d["final_tier"].to_list(), point.label
+        assert d2["tiers_run"].to_list() == d["tiers_run"].to_list(), point.label
 
 
 def test_artifact_round_trip_and_tamper(three, tmp_path):
