@@ -29,7 +29,7 @@ def demo_job(tmp_path_factory):
     for r in rows:
         r["messages"] = None
     rows[-1]["messages"] = [{"role": "user", "content":
-                             "Is the review 'a great movie' positive or negative? One word."}]
+                             "Is the review 'it is a film that exists' positive or negative? One word."}]
     pl.DataFrame(rows).write_parquet(tmp / "in.parquet")
     spec = (ROOT / "examples/demo/job.yaml").read_text()
     spec = (spec.replace("input: examples/demo/prompts.parquet", f"input: {tmp / 'in.parquet'}")
@@ -49,14 +49,14 @@ def test_answers_decisions_and_lineage(demo_job):
     rows = {r["id"]: r for r in out.iter_rows(named=True)}
     assert len(out) == 14
     assert rows["empty"]["status"] == "error" and rows["empty"]["error"] == "empty prompt"
-    # A chat row: SmolLM2 renders it with its chat template; gemma-3-270m (a base model) has
-    # none, so if the row escalates it fails there and keeps SmolLM2's answer.
+    # A chat row: SmolLM2 renders it with its chat template; its review is neutral, so SmolLM2
+    # is unsure and the row escalates to gemma-3-270m, a base model with no chat template: it
+    # fails there with a per-row error that says so and keeps SmolLM2's answer.
     chat = rows["chat"]
     assert chat["tiers"][0]["status"] == "ok" and chat["tiers"][0]["prompt_tokens"] > 10
-    if len(chat["tiers_run"]) == 2:
-        assert chat["status"] == "error" and "chat template" in chat["error"] and chat["final_tier"] == 0
-    else:
-        assert chat["status"] == "ok"
+    assert chat["tiers"][0]["choice_prob"] < THRESHOLD and chat["tiers_run"] == [0, 1], chat
+    assert chat["status"] == "error" and "chat template" in chat["error"] and chat["final_tier"] == 0
+    assert chat["response"] == chat["tiers"][0]["response"] in ("negative", "positive")
     ok = [r for rid, r in rows.items() if r["status"] == "ok" and rid != "chat"]
     # the demo answers from its choices: every answer is one of them, on every tier
     assert all(t["response"] in ("negative", "positive") for r in ok for t in r["tiers"])
