@@ -552,11 +552,25 @@ def test_calibration_loop_job_to_logs_to_artifact_to_job(tmp_path):
     res = CliRunner().invoke(main, ["calibrate", str(tmp_path / "logs.parquet"), "--out", str(tmp_path / "pol"),
                                     "--epochs", "2", "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "mean_logprob" in load_policy(tmp_path / "pol").schema["output_num"]
+    policy = load_policy(tmp_path / "pol")
+    assert "mean_logprob" in policy.schema["output_num"]
     job = run_embedded(make_spec(tmp_path, tmp_path / "cal.parquet", output=str(tmp_path / "art-job"),
                                  policy={"artifact": str(tmp_path / "pol")}),
                        engine_factory=scripted_factory())
-    assert len(results(job.dir)) == n
+    out = results(job.dir)
+    assert len(out) == n and (out["status"] == "ok").all()
+    assert all(t["p_quality"] is not None for ts in out["tiers"].to_list() for t in ts)
+    # The artifact job decides, row by row, as the policy replayed on the calibration job's logs
+    # (the same engines' answers to the same prompts), and it is a cascade, not one fixed tier.
+    from cascade.ladder import load_ladder
+    from cascade.runtime import replay
+
+    offline = replay(policy, load_ladder(logs, schema=policy.schema), [policy.default_label])
+    offline = out.select("id").join(offline.rename({"row_id": "id"}), on="id", how="left",
+                                    maintain_order="left")
+    assert offline["tiers_run"].to_list() == out["tiers_run"].to_list()
+    assert offline["final_tier"].to_list() == out["final_tier"].to_list()
+    assert out["final_tier"].n_unique() > 1
 
 
 def test_state_rebuilt_from_the_job_directory_equals_the_live_state(tmp_path):
