@@ -15,6 +15,11 @@ import numpy as np
 from workers.engines.base import Engine, Generations, chosen, register_engine
 
 
+# A prompt holding this makes the engine call that carries it fail, every time (a unit whose
+# engine keeps failing ends as per-row errors).
+FAULT = "<scripted-engine-fault>"
+
+
 class ScriptedEngine(Engine):
     name = "scripted"
 
@@ -37,6 +42,8 @@ class ScriptedEngine(Engine):
         self.calls.append((self.tier.name, len(prompts)))
         if self.delay:
             time.sleep(self.delay)
+        if any(FAULT in p for p in prompts):
+            raise RuntimeError("scripted engine fault")
         name, salt, crc = f"{self.tier.name}:", zlib.crc32(f"{self.tier.name}|".encode()), zlib.crc32
         n, k = len(prompts), min(2, sampling.max_tokens)
         words = [p.split() for p in prompts]

@@ -13,6 +13,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from jobs.cli import main
+from tests.doubles import FAULT
 from jobs.inputs import InputError, InputReader
 
 TIERS = """
@@ -57,7 +58,12 @@ def test_request_file_round_trip_through_a_job(tmp_path, monkeypatch):
              request("raised", "question raised w2", max_tokens=500, temperature=0.0),
              request("parts", messages=[{"role": "user", "content": [{"type": "text", "text": "hello "},
                                                                         {"type": "text", "text": "world"}]}])]
+    # 16 rows so far (4 shards of 4); the one after a 64-token context, then one alone in the
+    # last shard whose engine call fails every attempt
+    reqs[-1:-1] = [request("long", " ".join(f"w{i}" for i in range(100)))]
+    reqs.append(request("broken", f"question {FAULT}"))
     inp = write_requests(tmp_path / "req.jsonl", reqs, blank_after=3)
+    monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.01")
     job = run_job(tmp_path, inp, monkeypatch)
     out = tmp_path / "answers.jsonl"
     res = CliRunner().invoke(main, ["export", str(job), "--format", "openai", "--out", str(out)])
@@ -71,8 +77,9 @@ def test_request_file_round_trip_through_a_job(tmp_path, monkeypatch):
     for cid, x in by_id.items():
         r = rows[cid]
         assert set(x) == {"id", "custom_id", "response", "error", "cascade"}
-        if cid == "empty":
-            assert x["response"] is None and x["error"] == {"code": "empty_prompt", "message": "empty message"}
+        if cid in ("empty", "long", "broken"):
+            code = {"empty": "empty_prompt", "long": "context_length_exceeded", "broken": "cascade_error"}[cid]
+            assert x["response"] is None and x["error"] == {"code": code, "message": r["error"]}
             assert r["status"] == "error"
             continue
         assert x["error"] is None and x["response"]["status_code"] == 200
@@ -94,6 +101,11 @@ def test_request_file_round_trip_through_a_job(tmp_path, monkeypatch):
     assert by_id["capped"]["response"]["body"]["choices"][0]["finish_reason"] == "length"
     assert by_id["raised"]["response"]["body"]["usage"]["completion_tokens"] == 2
     assert by_id["parts"]["response"]["body"]["choices"][0]["message"]["content"].endswith("world<assistant>")
+    assert rows["empty"]["error"] == "empty message"
+    assert "exceeds tier small's context of 64" in rows["long"]["error"]
+    assert rows["broken"]["error"].startswith("tier small failed 3 times: RuntimeError: scripted engine fault")
+    # the failing unit took only its own row down; the shard before it answered
+    assert [rows[c]["status"] for c in ("raised", "parts")] == ["ok", "ok"]
 
 
 @pytest.mark.parametrize("line,needle", [
