@@ -10,7 +10,6 @@ supervisor in the test restarts dead workers, as a container restart policy woul
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ import tests.doubles  # noqa: F401  (registers the scripted engine for spec vali
 from jobs import control
 from jobs.job import Job, submit
 from jobs.spec import parse_spec
-from tests.redis_server import free_port, redis_up, start_redis_server
+from tests.redis_server import free_port, start_redis_server
+from tests.services import require_redis, require_redis_server
 from workers.celery_app import celery_dispatcher
 
 pytestmark = pytest.mark.redis
@@ -103,12 +103,17 @@ def check_results(job_dir: str, n_rows: int) -> pl.DataFrame:
 
 
 @pytest.fixture
+def main_redis():
+    require_redis(MAIN_REDIS)
+
+
+@pytest.fixture
 def tier_names():
     tag = uuid.uuid4().hex[:6]
     return [f"a{tag}", f"b{tag}"]
 
 
-@pytest.mark.skipif(not redis_up(MAIN_REDIS), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.usefixtures("main_redis")
 def test_job_through_redis_and_celery_workers(tmp_path, tier_names):
     workers = [start_worker(t, MAIN_REDIS, tmp_path / f"{t}.log") for t in tier_names]
     try:
@@ -127,8 +132,7 @@ def test_job_through_redis_and_celery_workers(tmp_path, tier_names):
 
 @pytest.fixture
 def own_redis(tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server not installed")
+    require_redis_server()
     port = free_port()
     procs = []
 
@@ -280,7 +284,7 @@ def test_chaos_random_kills_and_a_redis_restart(tmp_path, own_redis):
         cluster.stop()
 
 
-@pytest.mark.skipif(not redis_up(MAIN_REDIS), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.usefixtures("main_redis")
 def test_cli_submit_status_cancel_resume_report(tmp_path, tier_names, monkeypatch):
     import json as _json
 
@@ -322,8 +326,7 @@ def test_cli_submit_status_cancel_resume_report(tmp_path, tier_names, monkeypatc
 
 
 def test_worker_with_a_wrong_password_fails_at_start_with_a_clear_message(tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server not installed")
+    require_redis_server()
     port = free_port()
     server = start_redis_server(port, password="s3cret")
     try:

@@ -9,16 +9,10 @@ import pytest
 import redis
 
 from jobs.state import MemoryState, RedisState, unit_record
+from tests.services import require_redis
 
 REDIS = "redis://127.0.0.1:6379/15"
 LEASE = 10.0
-
-
-def redis_up() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.exceptions.ConnectionError:
-        return False
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -26,8 +20,7 @@ def state(request):
     if request.param == "memory":
         yield MemoryState(lease=LEASE)
         return
-    if not redis_up():
-        pytest.skip("no Redis at 127.0.0.1:6379")
+    require_redis(REDIS)
     st = RedisState(redis.Redis.from_url(REDIS), f"test-{uuid.uuid4().hex[:8]}", lease=LEASE)
     yield st
     st.delete()

