@@ -4,7 +4,9 @@ that reaches NAME kills itself with SIGKILL, exactly as a `kill -9` at that line
 (always, in production) a point costs one dictionary lookup.
 
 Points: before_result_write, after_result_write, after_state_update (a unit committed and
-recorded, the units it cut not yet written), before_dispatch (new units recorded as queued, not
+recorded, the units it cut not yet written), between_commit_and_cut (the same, at the first
+commit that does cut units: the escalated rows are recorded only in the cut units, whose work
+files are not yet written), before_dispatch (new units recorded as queued, not
 yet sent), holding_rebuild_lock, during_finalize (after the first results part).
 """
 

@@ -538,5 +538,7 @@ def commit(job, state, unit_id: str, targets: dict[int, int], dispatch) -> str:
 
     adv = state.done(unit_id, targets, time.time())
     failpoints.hit("after_state_update")
+    if adv.cuts:
+        failpoints.hit("between_commit_and_cut")
     recovery.follow(job, state, adv, dispatch)
     return adv.status

@@ -217,7 +217,8 @@ def test_worker_killed_mid_unit_heals_by_itself(tmp_path, tier_names, own_redis)
         cluster.stop()
 
 
-KILL_POINTS = ["before_result_write", "after_result_write", "after_state_update", "before_dispatch",
+KILL_POINTS = ["before_result_write", "after_result_write", "after_state_update", "between_commit_and_cut",
+               "before_dispatch",
                "holding_rebuild_lock", "during_finalize"]
 
 
