@@ -40,6 +40,9 @@ def _alerts(st: dict) -> list[str]:
     out = [f"  RETRYING {f['unit']} (attempt {f['attempts']} failed): {f['error']}" for f in st["failed"]]
     if st.get("finalize_error"):
         out.append(f"  FINALIZE FAILED: {st['finalize_error']}")
+    if st.get("reconciler_errors"):
+        e = st["reconciler_errors"]
+        out.append(f"  RECONCILER FAILED {e['count']} time(s) on this job, last: {e['last']}")
     return out
 
 

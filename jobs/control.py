@@ -18,9 +18,12 @@ def live_status(job, state) -> dict:
         tiers.append({"tier": k, "name": t.name, "states": s["states"],
                       "waiting_rows": s["waiting_rows"], "escalated": s["escalated"],
                       "rows_done": s["states"].get("done", {}).get("rows", 0)})
-    return {"job_id": job.id, "state": meta["state"], "rows": job.meta["rows"], "tiers": tiers,
-            "failed": raw["failing"], "finalize_error": meta.get("finalize_error"),
-            "dir": job.dir, "live": True}
+    out = {"job_id": job.id, "state": meta["state"], "rows": job.meta["rows"], "tiers": tiers,
+           "failed": raw["failing"], "finalize_error": meta.get("finalize_error"),
+           "dir": job.dir, "live": True}
+    if hasattr(state, "r"):                 # Redis: reconciler passes over this job that raised
+        out["reconciler_errors"] = recovery.reconciler_errors(state.r, job.dir)
+    return out
 
 
 def status(job_dir: str) -> dict:

@@ -25,6 +25,7 @@ Sending a unit twice is harmless: `start` lets one worker hold it, and results a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -36,6 +37,8 @@ from jobs.state import Advance, MemoryState, RedisState, connect, unit_record
 
 log = logging.getLogger(__name__)
 JOBS_KEY = "cascade:jobs"          # Redis hash: job id -> job directory, while a job runs
+# Redis hash: job directory -> {"count", "last", "at"} of reconciler passes over it that raised
+RECONCILER_ERRORS = "cascade:reconciler:errors"
 DONE_TTL = 3600                    # a finished job's Redis keys go after an hour (status reads
                                    # finished.json; a late duplicate message finds nothing to do)
 
@@ -173,8 +176,11 @@ def ensure_state(job, state, dispatch) -> bool:
     finally:
         try:
             lock.release()
-        except redis.exceptions.LockError:
-            pass
+        except redis.exceptions.LockError:  # held past its timeout: someone may have rebuilt too
+            log.warning("job %s: the rebuild took longer than its lock's timeout (%.0f s, one "
+                        "lease), so another worker may have rebuilt the state at the same time; "
+                        "the rebuild is idempotent, but a lease this short for the job's size "
+                        "makes it repeat (CASCADE_LEASE_SECONDS)", job.id, state.lease)
     return True
 
 
@@ -274,31 +280,59 @@ class Reconciler(threading.Thread):
                 log.warning("reconciler: %s: %s", type(exc).__name__, exc)
 
     def tick(self):
-        from jobs.job import Job
-        from workers.celery_app import refusal
+        import redis
 
         client = connect(self.broker)
         for job_dir in known_jobs(client):
-            if refusal(job_dir):
-                log.error("reconciler: %s", refusal(job_dir))
-                continue
             try:
-                job = Job(job_dir)          # not the cache: the directory may hold a new job
-            except FileNotFoundError:
-                job = None
-            if job is None or job.finished():
-                SEEN.discard(job_dir)
-                stale = [k for k, v in client.hgetall(JOBS_KEY).items() if v.decode() == job_dir]
-                if stale:
-                    client.hdel(JOBS_KEY, *stale)
-                continue
-            state = live_state(job)
-            if state is None:
-                continue
-            if not state.r.set(state.p + "reconciling", "1", nx=True, px=int(self.every * 900)):
-                continue
-            reconcile(job, state, self.dispatch,
-                      lambda k, job=job: self.queue_len(job.spec.tiers[k].name))
+                self.visit(client, job_dir)
+            except redis.exceptions.ConnectionError:
+                raise                       # Redis away: the whole pass waits for the next tick
+            except Exception as exc:        # this job only: every other job still heals
+                log.exception("reconciler: job directory %s: %s: %s", job_dir, type(exc).__name__, exc)
+                try:
+                    record_reconciler_error(client, job_dir, f"{type(exc).__name__}: {exc}")
+                except Exception as again:  # Redis away: the next tick tries everything again
+                    log.warning("reconciler: cannot record the error of %s: %s", job_dir, again)
+
+    def visit(self, client, job_dir: str):
+        from jobs.job import Job
+        from workers.celery_app import refusal
+
+        if refusal(job_dir):
+            log.error("reconciler: %s", refusal(job_dir))
+            return
+        try:
+            job = Job(job_dir)          # not the cache: the directory may hold a new job
+        except FileNotFoundError:
+            job = None
+        if job is None or job.finished():
+            SEEN.discard(job_dir)
+            stale = [k for k, v in client.hgetall(JOBS_KEY).items() if v.decode() == job_dir]
+            if stale:
+                client.hdel(JOBS_KEY, *stale)
+            client.hdel(RECONCILER_ERRORS, job_dir)
+            return
+        state = live_state(job)
+        if state is None:
+            return
+        if not state.r.set(state.p + "reconciling", "1", nx=True, px=int(self.every * 900)):
+            return
+        reconcile(job, state, self.dispatch,
+                  lambda k, job=job: self.queue_len(job.spec.tiers[k].name))
+
+
+def record_reconciler_error(client, job_dir: str, error: str):
+    """Count a failed reconciler pass over a job directory, with the last error and its time
+    (`cascade status` shows them)."""
+    raw = client.hget(RECONCILER_ERRORS, job_dir)
+    count = json.loads(raw)["count"] + 1 if raw else 1
+    client.hset(RECONCILER_ERRORS, job_dir, json.dumps({"count": count, "last": error, "at": time.time()}))
+
+
+def reconciler_errors(client, job_dir: str) -> dict | None:
+    raw = client.hget(RECONCILER_ERRORS, job_dir)
+    return json.loads(raw) if raw else None
 
 
 def embedded_state() -> MemoryState:

@@ -85,12 +85,15 @@ def _dicts(res, name) -> list[dict]:
 
 
 def _tier_names(job_dir: str, res) -> list[str]:
-    try:
-        from jobs.job import Job
+    """The job's tier names from its job.json; a results directory without one (copied on its
+    own) names tiers from the funnel. A job.json that cannot be read is an error, not a reason
+    to guess: tier names taken from the results could shift."""
+    from jobs.job import Job
+    from jobs.storage import Store
 
-        return [t.name for t in Job(job_dir).spec.tiers]
-    except Exception:                        # a results directory without job.json
+    if not Store(job_dir).exists("job.json"):
         return [r["name"] for r in _dicts(res, "funnel")]
+    return [t.name for t in Job(job_dir).spec.tiers]
 
 
 def summarize(job_dir: str, res: dict | None = None) -> dict:
@@ -305,11 +308,9 @@ def _run_figures(d: Path, rows: list[dict]) -> dict:
     first = rows[0]
     by_tier = {r["tier"]: r for r in rows if r["tier"] is not None}
     try:
-        from jobs.job import Job
-
-        names = [t.name for t in Job(str(d)).spec.tiers]
-    except Exception:                        # a results directory without a full job.json
-        names = [by_tier[t]["name"] for t in sorted(by_tier)]
+        names = [t["name"] for t in meta["spec"]["tiers"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{d / 'job.json'}: no tier names under spec.tiers ({exc!r})") from None
     n = first["rows"]
     tiers = [{"tier": i, "name": name, "rows": int(by_tier.get(i, {}).get("answered") or 0),
               "share": (by_tier.get(i, {}).get("answered") or 0) / max(n, 1)} for i, name in enumerate(names)]

@@ -359,3 +359,50 @@ def test_workers_refuse_job_directories_outside_the_jobs_root(tmp_path, tier_nam
         assert control.status(job.dir)["tiers"][0]["rows_done"] == 0
     finally:
         stop(w)
+
+
+@pytest.mark.usefixtures("main_redis")
+def test_reconciler_goes_on_past_a_bad_job_and_counts_it_in_status(tmp_path, tier_names, monkeypatch):
+    """One job directory whose pass raises (here: unreadable job.json; a job whose reconcile
+    raises) ends neither the pass nor the reconciler: the other job is still reconciled, and the
+    failures are logged and counted where `cascade status` shows them."""
+    from jobs import recovery
+    from jobs.cli import _alerts
+
+    client = redis.Redis.from_url(MAIN_REDIS)
+    jobs = []
+    for k in range(2):
+        (tmp_path / f"j{k}").mkdir()
+        jobs.append(submit(make_spec(tmp_path / f"j{k}", 20, tier_names), broker=MAIN_REDIS,
+                           dispatch=lambda *a, **kw: None))
+    bad_dir = tmp_path / "corrupt"
+    bad_dir.mkdir()
+    (bad_dir / "job.json").write_text("{not json")
+    client.hset(recovery.JOBS_KEY, "corrupt-" + tier_names[0], str(bad_dir))
+    seen = []
+
+    def reconcile(job, state, dispatch, queue_len=None):
+        seen.append(job.dir)
+        if job.dir == jobs[0].dir:
+            raise RuntimeError("a unit file that cannot be read")
+
+    monkeypatch.setattr(recovery, "reconcile", reconcile)
+    rec = recovery.Reconciler(MAIN_REDIS, dispatch=None, queue_len=lambda tier: 0, every=0.5)
+    try:
+        for _ in range(2):
+            rec.tick()
+            for j in jobs:                                   # let the next pass visit both again
+                client.delete(recovery.live_state(j).p + "reconciling")
+        assert seen.count(jobs[1].dir) == 2 and seen.count(jobs[0].dir) == 2
+        err = recovery.reconciler_errors(client, str(bad_dir))
+        assert err["count"] == 2 and "JSONDecodeError" in err["last"]
+        st = control.status(jobs[0].dir)
+        assert st["reconciler_errors"]["count"] == 2
+        assert "RuntimeError: a unit file that cannot be read" in st["reconciler_errors"]["last"]
+        assert any("RECONCILER FAILED 2 time(s)" in line for line in _alerts(st))
+        assert control.status(jobs[1].dir)["reconciler_errors"] is None
+    finally:
+        client.hdel(recovery.JOBS_KEY, "corrupt-" + tier_names[0])
+        client.hdel(recovery.RECONCILER_ERRORS, str(bad_dir), *(j.dir for j in jobs))
+        for j in jobs:
+            control.cancel(j.dir)

@@ -32,6 +32,11 @@ def rec(tier, response, *, cost, seconds=0.5, decision="stop", audit=False, stat
             "seconds": seconds, "cost": cost}
 
 
+def job_meta(created: int, spec: dict | None = None) -> dict:
+    """The job.json of a fixture job: its creation order and its spec's tiers (small, big)."""
+    return {"created": created, "spec": {"tiers": [{"name": "small"}, {"name": "big"}], **(spec or {})}}
+
+
 def fixture_rows(n_stop=6, n_esc=3):
     """n_stop rows answered by `small` (2 of them wrong), n_esc escalated to `big` (all right,
     small was wrong on them), one audited row, one error. Prompts are 10 characters."""
@@ -164,12 +169,12 @@ def test_history_flags_a_share_drift_and_not_a_stable_run(tmp_path):
     root = tmp_path / "nightly"
     for k in range(3):
         d = write_job(root / f"night{k}", fixture_rows(60, 30))
-        (d / "job.json").write_text(json.dumps({"created": k}))
+        (d / "job.json").write_text(json.dumps(job_meta(k)))
     stable, _ = report.history(str(root))
     doc, summary = report.history(str(root))
     assert summary["drift"] == [] and summary["tests"] >= 3
     d = write_job(root / "night3", fixture_rows(20, 70))          # far more escalation
-    (d / "job.json").write_text(json.dumps({"created": 3}))
+    (d / "job.json").write_text(json.dumps(job_meta(3)))
     doc, summary = report.history(str(root))
     flagged = {(f["test"], f["tier"]) for f in summary["drift"]}
     assert ("share", "small") in flagged and ("escalation rate", "small") in flagged
@@ -196,13 +201,13 @@ def test_history_tests_shares_against_the_calibration_prediction(tmp_path):
     root = tmp_path / "nightly"
     spec = {"policy": {"artifact": str(pol), "point": None}}
     d = write_job(root / "a", fixture_rows(60, 30))          # shares 0.66 / 0.33: as predicted
-    (d / "job.json").write_text(json.dumps({"created": 0, "spec": spec}))
+    (d / "job.json").write_text(json.dumps(job_meta(0, spec)))
     _, summary = report.history(str(root))
     assert summary["drift"] == []
     doc, _ = report.history(str(root))
     assert "share vs calibration" in doc.markdown()
     d = write_job(root / "b", fixture_rows(90, 5))           # 0.94 answered by small: drift
-    (d / "job.json").write_text(json.dumps({"created": 1, "spec": spec}))
+    (d / "job.json").write_text(json.dumps(job_meta(1, spec)))
     _, summary = report.history(str(root))
     assert ("share vs calibration", "small") in {(f["test"], f["tier"]) for f in summary["drift"]}
 
@@ -228,14 +233,14 @@ def test_history_calibration_z_test_flags_overconfident_predictions(tmp_path):
 
     root = tmp_path / "nightly"
     d = write_job(root / "a", fixture_rows(60, 30))
-    (d / "job.json").write_text(json.dumps({"created": 0}))
+    (d / "job.json").write_text(json.dumps(job_meta(0)))
     rows = fixture_rows(60, 30)
     for i, r in enumerate(rows[:60]):           # sure of itself (p 0.97) and right only half the time
         r["tiers"][0]["p_quality"] = 0.97
         if i % 2:
             r["tiers"][0]["response"] = r["response"] = "negative"
     d = write_job(root / "b", rows)
-    (d / "job.json").write_text(json.dumps({"created": 1}))
+    (d / "job.json").write_text(json.dumps(job_meta(1)))
     _, summary = report.history(str(root))
     scored = [r for r in rows if r["tiers"][0]["p_quality"] is not None]
     p = np.array([r["tiers"][0]["p_quality"] for r in scored])
@@ -247,7 +252,7 @@ def test_history_calibration_z_test_flags_overconfident_predictions(tmp_path):
     assert f["z"] == pytest.approx(z) and f["latest"] == pytest.approx(right.mean())
     assert f["baseline"] == pytest.approx(p.mean())
     d = write_job(root / "c", fixture_rows(60, 30))           # well calibrated again: not flagged
-    (d / "job.json").write_text(json.dumps({"created": 2}))
+    (d / "job.json").write_text(json.dumps(job_meta(2)))
     _, summary = report.history(str(root))
     assert ("calibration (observed vs predicted)", "small") not in {(f["test"], f["tier"]) for f in summary["drift"]}
 
@@ -369,3 +374,16 @@ def test_error_table_shows_each_groups_full_first_message(tmp_path):
     assert errors == [{"tier": 0, "name": "small", "reason": min(reasons), "messages": 2, "rows": 3},
                       {"tier": 0, "name": "small", "reason": "empty prompt", "messages": 1, "rows": 1}]
     assert path in errors[0]["reason"] and len(errors[0]["reason"]) > 120
+
+
+def test_a_job_json_that_cannot_be_read_is_an_error_not_a_guess(tmp_path):
+    """Tier names come from job.json; where it exists but cannot be read the report says so
+    (exit 2) rather than naming tiers from the results, which could shift them. A results
+    directory with no job.json at all still reports, naming tiers from the funnel."""
+    job = write_job(tmp_path / "job", fixture_rows())
+    (job / "job.json").unlink(missing_ok=True)
+    s = report.write_report(str(job), str(tmp_path / "rep"))
+    assert [t["name"] for t in s["tiers"]] == ["small", "big"]
+    (job / "job.json").write_text("{not json")
+    res = CliRunner().invoke(main, ["report", str(job), "--out", str(tmp_path / "rep2")])
+    assert res.exit_code == 2 and "error:" in res.output, res.output

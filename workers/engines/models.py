@@ -145,8 +145,11 @@ def convert_gguf(path: Path) -> tuple[Path, float]:
         log.info("%s: the converted tokenizer now adds BOS, as the GGUF file says", path.name)
     try:
         tmp.rename(target)
-    except OSError:                     # another process finished first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():     # not another process finishing first
+            raise
+        log.info("%s: another process converted it first; using its copy", path.name)
     return target, time.perf_counter() - t0
 
 
