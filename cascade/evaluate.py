@@ -206,10 +206,6 @@ def write(result: EvalResult, out: str | Path) -> Path:
     return out
 
 
-def markdown(res: EvalResult) -> str:
-    return document(res).markdown()
-
-
 def document(res: EvalResult):
     from cascade.render import Doc, bar_png, fmt, frontier_png, lines_png
 

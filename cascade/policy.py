@@ -1,6 +1,6 @@
 """The optimal-stopping policy: backward induction over the states of a cascade.
 
-Derivation (the paper's Theorem 1 is not used; see README "Decision science"). A state is the
+Derivation (the paper's Theorem 1 is not used; see README "How the policy decides"). A state is the
 ordered set S of tiers already run for a row, with what they produced. Charging the cumulative
 cost of the tiers actually run, the reward of a finished row is
 
@@ -16,7 +16,9 @@ from the prompt alone. The conditional expectations are what the paper's scalar 
 E[W(S + j) | obs_S] depends on what S's outputs looked like. We estimate them by regression
 on calibration rows where every tier was logged:
 
-- E[q_t | obs_S] for all t: the cross-fitted, Platt-calibrated MLP of state S (predictor.py);
+- E[q_t | obs_S] for all t: the cross-fitted, Platt-calibrated quality predictor of state S
+  (predictor.py): per tier the candidate with the lowest out-of-fold log-loss, among a prior,
+  monotone maps of a logged confidence, a linear head, an MLP and (opt-in) boosted trees;
 - E[-lambda c_j + W(S+j) | obs_S]: ridge regression of the *realized* return of following the
   policy from S+j (true quality of the answer it keeps, true costs it pays) on a spline basis of
   the state's predicted qualities. Realized returns rather than the model's own estimates keep the

@@ -15,10 +15,6 @@ import pyarrow.compute as pc
 from jobs.inputs import LINEAGE_NAME
 
 
-class StaleCut(RuntimeError):
-    """The state was reloaded since this unit was cut: another cut owns its rows now."""
-
-
 def materialize(job, unit: dict, state) -> bool:
     """Write a cut unit's input file (idempotent). Returns False if the cut is stale."""
     from jobs.job import source_file

@@ -353,13 +353,6 @@ class Store:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def uri(self, rel: str) -> str:
-        """The path as DuckDB (with this filesystem registered) or any fsspec user addresses it."""
-        if self.local:
-            return self.path(rel)
-        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return f"{proto}://{self.path(rel).lstrip('/')}"
-
     def exists(self, rel: str) -> bool:
         if self._pending(rel) is not None:
             return True
