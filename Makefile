@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 comma := ,
 
-.PHONY: install demo demo-vllm demo-artifact test test-fast bench clean
+.PHONY: install demo demo-vllm demo-artifact test test-fast bench bench-long clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,16 +42,25 @@ test-fast: install
 	bash .ci/redis-up
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Every figure in the README's measured sections comes from one of these commands, run as written
+# (`make bench` runs them in this order; bench-long the ones that take tens of minutes).
 bench: install
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/replay_bench.py
 	$(BIN)/python bench/ladders_bench.py
-	$(BIN)/python bench/engine_bench.py
-	$(BIN)/python bench/job_bench.py
-	$(BIN)/python bench/orchestration_bench.py --rows 100000 --rows 1000000
+	$(BIN)/python bench/engine_bench.py --rows 100
+	$(BIN)/python bench/job_bench.py --before
+	$(BIN)/python bench/orchestration_bench.py --rows 100000 --rows 1000000 --pin
+	$(BIN)/python bench/orchestration_bench.py --profile --rows 1000000 --pin
 	$(BIN)/python bench/celery_bench.py
 	$(BIN)/python bench/fault_bench.py
 	$(BIN)/python bench/report_bench.py
+
+bench-long: install
+	$(BIN)/python bench/ladders_bench.py --models prior,monotone,linear,gbt,mlp
+	$(BIN)/python bench/choices_bench.py
+	$(BIN)/python bench/engine_bench.py --only-vllm --rows 100
+	$(BIN)/python bench/live_ladder.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,9 +3,10 @@ real Redis (its own redis-server on a free port, stopped at the end), the script
 engine with no delay, so only the job system and the broker are measured.
 
 Prints rows/s end to end (submit to done) and what coordination costs per unit: the Redis
-state scripts' calls and server time per unit (there is no lock to wait for: each transition
-is one atomic script, so the time a worker can wait on another is bounded by these), from
-Redis's own INFO commandstats.
+state scripts' calls and server time per unit, from Redis's own INFO commandstats (each
+transition is one atomic script), and how many times a worker rebuilt a job's state from its
+directory, the one path that takes a lock (the workers' logs say so each time; 0 unless the
+state was lost).
 
     .venv/bin/python bench/celery_bench.py [--rows 200000] [--shard 256] [--workers 4]
 """
@@ -89,8 +90,9 @@ def main():
               f"({', '.join(serve)}), this {os.cpu_count()}-core machine: {total:.1f} s = "
               f"{n / total:,.0f} rows/s (submit {t_submit:.1f} s)")
         print(f"state scripts: {calls / units:.1f} calls/unit, mean {usec / max(calls, 1):.1f} us each "
-              f"in Redis, {usec / units:.0f} us/unit; all Redis commands {ops / units:.1f}/unit; "
-              f"lock waits: none (no lock)")
+              f"in Redis, {usec / units:.0f} us/unit; all Redis commands {ops / units:.1f}/unit")
+        rebuilds = sum(p.read_text().count("no live state") for p in work.glob("w*.log"))
+        print(f"state rebuilds (the only path that takes a lock, the rebuild lock): {rebuilds}")
     finally:
         for w in workers:
             if w.poll() is None:

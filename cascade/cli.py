@@ -75,9 +75,10 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
         observed = [m for m in report.predictor_metrics if m["observed"]]
         click.echo(f"calibrated on {report.rows} rows, {ladder.n_tiers} tiers in {report.seconds:.1f}s")
         for m in observed:
-            if len(m["state"]) == 1:
-                auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-                click.echo(f"  tier {m['tier']} answer correct, seen alone: AUC {auc}, ECE {m['ece']:.3f}")
+            auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+            seen = ("seen alone" if len(m["state"]) == 1 else
+                    "seen with tiers " + ", ".join(str(t) for t in m["state"] if t != m["tier"]))
+            click.echo(f"  tier {m['tier']} answer correct, {seen}: AUC {auc}, ECE {m['ece']:.3f}")
         chosen = Counter(m["model"] for m in report.model_choice)
         click.echo("predictors chosen (state -> tier): " + "; ".join(
             f"{k} {v}" for k, v in sorted(chosen.items())))
