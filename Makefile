@@ -48,7 +48,7 @@ bench: install
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/replay_bench.py
 	$(BIN)/python bench/ladders_bench.py
-	$(BIN)/python bench/engine_bench.py --rows 100
+	$(BIN)/python bench/engine_bench.py --rows 100 --no-vllm
 	$(BIN)/python bench/job_bench.py --before
 	$(BIN)/python bench/orchestration_bench.py --rows 100000 --rows 1000000 --pin
 	$(BIN)/python bench/orchestration_bench.py --profile --rows 1000000 --pin
