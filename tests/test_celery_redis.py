@@ -406,3 +406,23 @@ def test_reconciler_goes_on_past_a_bad_job_and_counts_it_in_status(tmp_path, tie
         client.hdel(recovery.RECONCILER_ERRORS, str(bad_dir), *(j.dir for j in jobs))
         for j in jobs:
             control.cancel(j.dir)
+
+
+def test_check_results_catches_a_lost_escalation(tmp_path):
+    """The result check every Redis and fault test uses sees a lost escalation: a row whose
+    later runs never happened, its last run rewritten to look like a plain stop (what a row
+    whose cut was lost would show), fails it; the untouched job passes."""
+    from jobs.executor import run_embedded
+    from tests.doubles import scripted_factory
+
+    job = run_embedded(make_spec(tmp_path, 40, ["a", "b"]), engine_factory=scripted_factory())
+    out = check_results(job.dir, 40)
+    rows = out.to_dicts()
+    k = next(i for i, r in enumerate(rows) if len(r["tiers"]) == 2)
+    lost = dict(rows[k]["tiers"][0], decision="stop")          # escalation lost: stops at tier 0
+    rows[k] = {**rows[k], "tiers": [lost], "tiers_run": [0], "final_tier": 0}
+    for p in Path(job.dir, "results").glob("*.parquet"):
+        p.unlink()
+    pl.DataFrame(rows, schema=out.schema).write_parquet(Path(job.dir, "results", "part-0.parquet"))
+    with pytest.raises(AssertionError):
+        check_results(job.dir, 40)
