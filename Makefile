@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python bench/report_bench.py
 
 bench-long: install
+	$(BIN)/python bench/ladders_bench.py --online
 	$(BIN)/python bench/ladders_bench.py --models prior,monotone,linear,gbt,mlp
 	$(BIN)/python bench/choices_bench.py
 	$(BIN)/python bench/engine_bench.py --only-vllm --rows 100
