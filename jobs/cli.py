@@ -67,13 +67,9 @@ class StatusView:
             self.last = now
             self.console.out(render_status(st), highlight=False)
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
         if self.progress is None:
             self.console.print(f"job {st['job_id']}  rows {st['rows']}  dir {st['dir']}")
-            self.progress = Progress(TextColumn("tier {task.fields[tier]} {task.description:<14}"),
-                                     BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-                                     console=self.console)
+            self.progress = status_bars(self.console)
             self.progress.start()
         for t in st["tiers"]:
             total = sum(v["rows"] for v in t["states"].values()) + t["waiting_rows"]
@@ -94,6 +90,20 @@ class StatusView:
             self.progress = None
             if last:
                 self.console.print(last)
+
+
+def status_bars(console):
+    """One line per tier: name, a bar of fixed width and the row counts keep their room on a
+    narrow terminal; the unit detail takes what is left and is cut with an ellipsis."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Column
+
+    return Progress(
+        TextColumn("tier {task.fields[tier]} {task.description:<14}", table_column=Column(min_width=21, no_wrap=True)),
+        BarColumn(bar_width=20, table_column=Column(min_width=20, no_wrap=True)),
+        MofNCompleteColumn(table_column=Column(min_width=11, no_wrap=True)),
+        TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        console=console, expand=True)
 
 
 def _load(spec_path, output=None, engine=None):
@@ -149,11 +159,13 @@ def submit(spec_path, broker, output, overwrite, engine):
 
     Example: cascade submit job.yaml --broker redis://redis:6379/0
     """
+    from jobs import broker as brokers
     from jobs.job import submit as submit_job
     from workers.celery_app import celery_dispatcher
 
     try:
         spec = _load(spec_path, output, engine)
+        brokers.check(broker, who="cascade submit")       # before anything is written
         job = submit_job(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
     except USER_ERRORS as exc:
         _fail(exc)
@@ -175,17 +187,25 @@ def worker(tier, broker, loglevel, hostname):
     start_worker(tier, broker, loglevel, hostname)
 
 
+BROKER_CREDENTIALS = click.option(
+    "--broker", envvar="CASCADE_BROKER", default=None,
+    help="The job's broker with its credentials (job directories record it without them).")
+
+
 @main.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--watch", type=float, default=0, help="Refresh every N seconds until the job ends.")
-def status(job_dir, as_json, watch):
+@BROKER_CREDENTIALS
+def status(job_dir, as_json, watch, broker):
     """Rows and units per tier and state.
 
     Example: cascade status runs/demo --watch 2
     """
+    from jobs import broker as brokers
     from jobs import control
 
+    brokers.remember(broker)
     view = None if as_json else StatusView(every=0)
     while True:
         try:
@@ -208,7 +228,8 @@ def status(job_dir, as_json, watch):
 @main.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--broker", envvar="CASCADE_BROKER", default=None,
-              help="Re-enqueue on this broker (default: the job's own; embedded jobs run here).")
+              help="Re-enqueue on this broker, with its credentials (default: the job's own; "
+                   "embedded jobs run here).")
 def resume(job_dir, broker):
     """Rebuild the job's state from its directory and send every unfinished unit: after a
     cancel, or to finish an embedded run that was killed. Worker and Redis crashes heal by
@@ -216,18 +237,21 @@ def resume(job_dir, broker):
 
     Example: cascade resume runs/demo
     """
+    from jobs import broker as brokers
     from jobs import control
     from jobs.executor import resume_embedded
     from jobs.job import Job
 
     try:
         job = Job(job_dir)
-        broker = broker or job.broker
+        brokers.remember(broker)
+        broker = broker or brokers.credentials_for(job.broker)
         if broker:
             from workers.celery_app import celery_dispatcher
 
+            brokers.check(broker, who="cascade resume")
             units = control.resume(job_dir, celery_dispatcher(broker))
-            click.echo(f"re-enqueued {len(units)} units on {broker}")
+            click.echo(f"re-enqueued {len(units)} units on {brokers.redact(broker)}")
         else:
             view = StatusView(stderr=True)
             try:
@@ -241,13 +265,16 @@ def resume(job_dir, broker):
 
 @main.command()
 @click.argument("job_dir", metavar="JOB")
-def cancel(job_dir):
+@BROKER_CREDENTIALS
+def cancel(job_dir, broker):
     """Stop a job: queued units are skipped by the workers; `resume` starts it again.
 
     Example: cascade cancel runs/nightly-2026-11-28
     """
+    from jobs import broker as brokers
     from jobs import control
 
+    brokers.remember(broker)
     try:
         st = control.cancel(job_dir)
     except USER_ERRORS as exc:
@@ -264,8 +291,10 @@ def cancel(job_dir):
 def report(job_dir, out_dir, history):
     """Report on a job (the DuckDB queries in sql/), or on a history of nightly jobs.
 
-    Example: cascade report runs/demo --out runs/demo/report
-    Example: cascade report --history runs/nightly --out runs/nightly/trends
+    \b
+    Examples:
+      cascade report runs/demo --out runs/demo/report
+      cascade report --history runs/nightly --out runs/nightly/trends
     """
     from jobs import report as rep
 

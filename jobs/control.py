@@ -34,6 +34,9 @@ def status(job_dir: str) -> dict:
     if job.finished():
         st = job.store.read_json("finished.json")["status"]
         return {**st, "dir": job.dir, "live": False}
+    if not job.submitted():
+        raise ValueError(f"{job_dir}: the submit of this job did not finish (no submitted.json), so "
+                         f"nothing runs it; submit it again with --overwrite")
     state = recovery.live_state(job)
     if state is not None and state.exists():
         return live_status(job, state)

@@ -22,6 +22,7 @@ the files above.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 
+from jobs.broker import public, remember
 from jobs.decide import make_policy
 from jobs.inputs import InputReader
 from jobs.spec import JobSpec
@@ -102,6 +104,7 @@ class Job:
         return self.store.exists("submitted.json")
 
 
+log = logging.getLogger(__name__)
 _OPEN: OrderedDict[str, Job] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 
@@ -154,14 +157,18 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
     the store to load (MemoryState for the embedded executor); a Redis broker gets RedisState."""
     from jobs import recovery
 
+    remember(broker)                         # its credentials, for this process's connections
     policy = make_policy(spec)               # an artifact is loaded and checked (its weights'
     reader = InputReader(spec.input)         # checksum) and every input file's footer, text
                                              # and ids: errors come before anything is written
     store = Store(spec.output)
     if store.exists("job.json"):
+        if not overwrite and not store.exists("submitted.json"):
+            raise FileExistsError(f"{spec.output}: a submit of a job here did not finish (no "
+                                  f"submitted.json); submit again with --overwrite")
         if not overwrite:
-            raise FileExistsError(f"{spec.output}: a job already lives here; `cascade resume` it, or "
-                                  f"pass --overwrite to start again")
+            raise FileExistsError(f"{spec.output}: a job already lives here; `cascade resume "
+                                  f"{spec.output}` it, or submit again with --overwrite")
         try:
             old = Job(spec.output)
         except ValueError:        # another version's layout: its state is not this version's
@@ -171,9 +178,31 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
             live.delete()
         store.remove("")
     store.makedirs()
+    try:
+        return _submit_into(spec, store, reader, policy, broker, state, dispatch)
+    except BaseException:
+        # Nothing half-made stays behind: the next submit needs no --overwrite. (A submit killed
+        # outright leaves a directory without submitted.json, which nothing runs or rebuilds.)
+        if store.exists("job.json"):
+            try:
+                live = recovery.live_state(Job(spec.output))
+                if live is not None:
+                    live.delete()
+            except Exception as exc:             # the state may be unreachable: say so, go on
+                log.warning("submit of %s failed; its live state could not be removed: %s",
+                            spec.output, exc)
+        with _OPEN_LOCK:
+            _OPEN.pop(spec.output, None)
+        store.remove("")
+        raise
+
+
+def _submit_into(spec: JobSpec, store: Store, reader: InputReader, policy, broker, state, dispatch) -> Job:
+    from jobs import recovery
+
     job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
     store.write_json("job.json", {"job_id": job_id, "layout": LAYOUT, "spec": spec.to_dict(),
-                                  "broker": broker,
+                                  "broker": public(broker),     # never its credentials
                                   "created": time.time(), "rows": reader.rows,
                                   "policy_version": spec.policy.version(),
                                   "columns": reader.schema.names,

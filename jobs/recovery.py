@@ -47,7 +47,10 @@ def live_state(job):
     """The job's state store if it runs on a Redis broker, else None (an embedded job's state
     lives in the `cascade run` process)."""
     if job.broker and job.broker.startswith(("redis://", "rediss://", "unix://")):
-        return RedisState(connect(job.broker), job.id)
+        from jobs import broker
+
+        url = broker.check(broker.credentials_for(job.broker))
+        return RedisState(connect(url), job.id)
     return None
 
 

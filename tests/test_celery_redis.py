@@ -9,6 +9,7 @@ supervisor in the test restarts dead workers, as a container restart policy woul
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -426,3 +427,93 @@ def test_check_results_catches_a_lost_escalation(tmp_path):
     pl.DataFrame(rows, schema=out.schema).write_parquet(Path(job.dir, "results", "part-0.parquet"))
     with pytest.raises(AssertionError):
         check_results(job.dir, 40)
+
+
+def cli(*args, env=None, timeout=60) -> tuple[int, str, float]:
+    """`cascade ARGS` in a fresh process as a user runs it: (exit status, output, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_BROKER"} | {
+        "CASCADE_PLUGINS": "tests.doubles", "PYTHONPATH": str(ROOT)} | (env or {})
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    return out.returncode, (out.stdout + out.stderr).strip(), time.monotonic() - t0
+
+
+def test_broker_mistakes_fail_in_seconds_with_one_line_and_nothing_written(tmp_path, tier_names):
+    """submit, status and resume against a closed port, a wrong password and a missing one, and
+    with a broker that is not Redis: exit 2 within 10 s, one line, no password echoed, and a
+    failed submit leaves nothing. Job files never hold the password; status and resume take it
+    from --broker (or CASCADE_BROKER), and resume prints the URL redacted."""
+    import yaml
+
+    require_redis_server()
+    port, closed = free_port(), free_port()
+    server = start_redis_server(port, password="s3cret")
+    good = f"redis://:s3cret@127.0.0.1:{port}/0"
+    spec = make_spec(tmp_path, 30, tier_names)
+    raw = {"name": "b", "input": spec.input, "shard_rows": 10,
+           "tiers": [{"name": t.name, "model": "scripted", "engine": "scripted"} for t in spec.tiers],
+           "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**raw, "output": str(tmp_path / "good")}))
+
+    def one_line_failure(res, needle):
+        code, text, seconds = res
+        assert code == 2 and seconds < 10, res
+        assert len(text.splitlines()) == 1 and text.startswith("error: ") and needle in text, res
+        assert "s3cret" not in text and "wrong" not in text.replace(":***@", ""), res
+
+    try:
+        bad = {"closed": (f"redis://127.0.0.1:{closed}/0", "cannot reach the broker"),
+               "wrong": (f"redis://:wrong@127.0.0.1:{port}/0", "refused the password"),
+               "missing": (f"redis://127.0.0.1:{port}/0", "needs a password"),
+               "amqp": ("amqp://guest@127.0.0.1:5672//", "is not a Redis URL")}
+        for name, (url, needle) in bad.items():
+            out = tmp_path / f"failed-{name}"
+            one_line_failure(cli("submit", str(tmp_path / "job.yaml"), "--broker", url, "--output", str(out)), needle)
+            assert not out.exists()
+
+        code, text, _ = cli("submit", str(tmp_path / "job.yaml"), "--broker", good)
+        assert code == 0, text
+        job_dir = text.splitlines()[-1]
+        for f in Path(job_dir).rglob("*"):
+            if f.is_file():
+                assert b"s3cret" not in f.read_bytes(), f
+        assert json.loads(Path(job_dir, "job.json").read_text())["broker"] == f"redis://127.0.0.1:{port}/0"
+
+        one_line_failure(cli("status", job_dir), "needs a password")
+        one_line_failure(cli("status", job_dir, "--broker", bad["wrong"][0]), "refused the password")
+        one_line_failure(cli("resume", job_dir, "--broker", bad["wrong"][0]), "refused the password")
+        code, text, _ = cli("status", job_dir, "--json", env={"CASCADE_BROKER": good})
+        assert code == 0 and json.loads(text)["state"] == "running", text
+        code, text, _ = cli("resume", job_dir, "--broker", good)
+        assert code == 0 and f"on redis://:***@127.0.0.1:{port}/0" in text and "s3cret" not in text, text
+        server.kill()
+        server.wait()
+        one_line_failure(cli("status", job_dir, "--broker", good), "cannot reach the broker")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_a_worker_started_while_redis_is_down_serves_once_it_is_up(tmp_path, tier_names):
+    require_redis_server()
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    workers = [start_worker(t, url, tmp_path / f"{t}.log", CASCADE_BROKER_WAIT=60) for t in tier_names]
+    server = None
+    try:
+        time.sleep(3.0)                                   # both started and waiting for Redis
+        assert all(w.poll() is None for w in workers)
+        server = start_redis_server(port)
+        job = submit(make_spec(tmp_path, 30, tier_names), broker=url, dispatch=celery_dispatcher(url))
+        wait_done(job.dir, 60)
+        check_results(job.dir, 30)
+        log = (tmp_path / f"{tier_names[0]}.log").read_text()
+        assert "cannot reach the broker" in log and "trying again" in log, log
+    finally:
+        for w in workers:
+            stop(w)
+        if server is not None:
+            server.kill()
+            server.wait()

@@ -107,38 +107,17 @@ def celery_dispatcher(broker: str):
     return dispatch
 
 
-def check_broker(broker: str):
-    """Fail at start, with a clear message, on a broker that cannot be reached or refuses us."""
-    import redis
-
-    from urllib.parse import urlsplit
-
-    try:
-        redis.Redis.from_url(broker, socket_connect_timeout=5).ping()
-    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
-            redis.exceptions.ResponseError) as exc:
-        if not urlsplit(broker).password:
-            sys.exit(f"cascade worker: the broker {broker} needs a password ({exc}); put it in "
-                     f"CASCADE_BROKER as redis://:PASSWORD@HOST:PORT/DB")
-        sys.exit(f"cascade worker: the broker {_redact(broker)} refused the password ({exc}); "
-                 f"check the password in CASCADE_BROKER")
-    except redis.exceptions.ConnectionError as exc:
-        sys.exit(f"cascade worker: cannot reach the broker {_redact(broker)}: {exc}")
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    password = urlsplit(url).password
-    return url.replace(f":{password}@", ":***@") if password else url
-
-
 def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", hostname=None):
     from jobs.recovery import Reconciler
     from jobs.state import connect
 
+    from jobs import broker as brokers
+
     broker = broker or broker_url()
-    check_broker(broker)
+    try:       # a broker that is down is waited for (CASCADE_BROKER_WAIT s); a wrong one is not
+        brokers.check(broker, wait=brokers.worker_wait(), who="cascade worker")
+    except brokers.BrokerError as exc:
+        sys.exit(str(exc))
     app.conf.broker_url = broker
     client = make_app(broker)
     Reconciler(broker, lambda jd, units: send_units(jd, units, client=client),
