@@ -295,6 +295,24 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+def parquet_batches(path: str, size: int, columns: list[str] | None = None):
+    """A Parquet file's record batches; a file whose pages cannot be decoded (its footer and
+    magic intact, a page corrupt) is an InputError naming the file and the rows it reached."""
+    first = 0
+    with fsspec.open(path, "rb") as f:
+        batches = pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"{path}: cannot be read as Parquet: the data after row {first} "
+                                 f"is corrupt ({type(exc).__name__}: {exc})") from None
+            yield batch
+            first += batch.num_rows
+
+
 class InputReader:
     """A job's input read a batch at a time, so that submitting a large input does not hold it
     in memory. Every file's footer, text and ids are checked before the first row is read: bad
@@ -334,11 +352,10 @@ class InputReader:
                 for _, table in jsonl_tables(path, size):
                     yield _conform(_rows(path, table, 0), self.schema)
                 continue
-            with fsspec.open(path, "rb") as f:
-                first = 0
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=size):
-                    yield _conform(_rows(path, pa.Table.from_batches([batch]), first), self.schema)
-                    first += batch.num_rows
+            first = 0
+            for batch in parquet_batches(path, size):
+                yield _conform(_rows(path, pa.Table.from_batches([batch]), first), self.schema)
+                first += batch.num_rows
 
     def check_rows(self):
         """One pass over the text and id columns of every file: raise on text that is not valid
@@ -352,16 +369,15 @@ class InputReader:
             columns = [f.name for f in schema if _has_text(f.type) or f.name == "id"]
             first = 0
             if columns:
-                with fsspec.open(path, "rb") as f:
-                    for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=65536):
-                        _check_text(path, batch, first)
-                        if "id" in columns:
-                            col = batch.column("id")
-                            if col.null_count:
-                                row = first + pc.index(pc.is_null(col), True).as_py()
-                                raise InputError(f"{path}: column 'id' is null at row {row}")
-                            ids.append(pc.cast(col, pa.string()))
-                        first += batch.num_rows
+                for batch in parquet_batches(path, 65536, columns):
+                    _check_text(path, batch, first)
+                    if "id" in columns:
+                        col = batch.column("id")
+                        if col.null_count:
+                            row = first + pc.index(pc.is_null(col), True).as_py()
+                            raise InputError(f"{path}: column 'id' is null at row {row}")
+                        ids.append(pc.cast(col, pa.string()))
+                    first += batch.num_rows
             if "id" not in columns:
                 ids.append(_made_ids(path, 0, rows))
         ids = pa.chunked_array(ids, pa.string())

@@ -153,7 +153,24 @@ def fixed_tier_points(summary: dict) -> dict[str, tuple]:
     return pts
 
 
+class NotFinished(ValueError):
+    """A job directory whose job has not finished: it has no results to read yet."""
+
+
+def require_finished(job_dir: str):
+    """Reports, logs and exports read `results/`, which finalize writes last: a job directory
+    (job.json) without finished.json has none yet. A results directory copied on its own (no
+    job.json) is read as it is."""
+    from jobs.storage import Store
+
+    store = Store(job_dir)
+    if store.exists("job.json") and not store.exists("finished.json"):
+        raise NotFinished(f"{job_dir}: the job has not finished (no finished.json); "
+                          f"`cascade status {job_dir}` says where it is")
+
+
 def build(job_dir: str) -> tuple[Doc, dict]:
+    require_finished(job_dir)
     res = run_all(job_dir)
     summary = summarize(job_dir, res)
     names = [t["name"] for t in summary["tiers"]]
@@ -446,6 +463,7 @@ def replay_logs(job_dir: str):
 def export_logs(job_dir: str, out_path: str) -> dict:
     """Write replay_logs(job_dir) to Parquet: the input of `cascade calibrate`. A job whose rule
     escalates every row (threshold 0) or a large audit share produces such rows."""
+    require_finished(job_dir)
     frame = replay_logs(job_dir)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out_path)

@@ -219,11 +219,12 @@ class RawJob(_Raw):
     @field_validator("tiers")
     @classmethod
     def _unique(cls, tiers):
-        seen = set()
-        for t in tiers:
+        seen = {}
+        for i, t in enumerate(tiers):
             if t.name in seen:
-                raise ValueError(f"duplicate tier name {t.name!r}")
-            seen.add(t.name)
+                raise _Below(f"[{i}].name", f"duplicate tier name {t.name!r} (tiers[{seen[t.name]}] "
+                                            f"has it too)")
+            seen[t.name] = i
         return tiers
 
 
@@ -264,6 +265,14 @@ def _path(loc) -> str:
     return out
 
 
+class _Below(ValueError):
+    """A validator's error about a field below the one it validates: `sub` extends the path."""
+
+    def __init__(self, sub: str, msg: str):
+        super().__init__(msg)
+        self.sub = sub
+
+
 def _spec_error(exc: ValidationError, raw: dict, where: str) -> SpecError:
     errors = exc.errors(include_url=False)
     extra = [e for e in errors if e["type"] == "extra_forbidden"]
@@ -276,7 +285,9 @@ def _spec_error(exc: ValidationError, raw: dict, where: str) -> SpecError:
                          f"allowed: {sorted(model.model_fields)}")
     msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else \
         _SAYS.get(e["type"], lambda e: e["msg"])(e)
-    return SpecError(f"{_path(e['loc']) or where}: {msg}")
+    below = (e.get("ctx") or {}).get("error")
+    sub = below.sub if isinstance(below, _Below) else ""
+    return SpecError(f"{(_path(e['loc']) + sub) or where}: {msg}")
 
 
 def _model_at(loc) -> type[BaseModel]:

@@ -22,6 +22,7 @@ FAULT = "<scripted-engine-fault>"
 
 class ScriptedEngine(Engine):
     name = "scripted"
+    per_tier = True          # it answers with its tier's name: tiers sharing a model differ
 
     def __init__(self, tier, context_length: int = 64, calls: list | None = None):
         self.tier = tier

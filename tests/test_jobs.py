@@ -168,7 +168,8 @@ def test_a_job_directory_of_another_layout_is_refused_and_can_be_overwritten(tmp
     ({"tiers": [{"name": "a", "model": "m", "sampling": {"max_tokens": 0}}]},
      r"tiers\[0\].sampling.max_tokens: must be >= 1"),
     ({"tiers": [{"name": "a", "model": "m", "cost": {"per_token": -1}}]}, r"tiers\[0\].cost.per_token"),
-    ({"tiers": [{"name": "a", "model": "m"}, {"name": "a", "model": "n"}]}, "duplicate tier name"),
+    ({"tiers": [{"name": "a", "model": "m"}, {"name": "b", "model": "n"}, {"name": "a", "model": "o"}]},
+     r"^tiers\[2\]\.name: duplicate tier name 'a' \(tiers\[0\] has it too\)$"),
     ({"policy": {"rule": {"feature": "vibes", "threshold": 0}}}, "policy.rule.feature"),
     ({"policy": {"rule": {"thresholds": [0]}}}, "policy.rule.thresholds: must list one threshold"),
     ({"policy": {"artifact": "/nowhere"}}, "policy.artifact: no policy.json"),
@@ -862,3 +863,59 @@ def test_finalize_in_many_parts_gives_the_rows_of_one_part(tmp_path, monkeypatch
 
     assert unmeasured(many) == unmeasured(one)
     assert one["tiers_run"].list.len().max() > 1              # some rows ran on several tiers
+
+
+def test_a_parquet_input_with_a_corrupt_page_is_a_clear_error_and_nothing_is_written(tmp_path):
+    """Footer and magic intact, a data page's header overwritten: the run fails with exit 2 and
+    one line naming the file, and leaves no job directory."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    inp = write_input(tmp_path / "in.parquet", 2000)
+    raw = bytearray(inp.read_bytes())
+    meta = pq.ParquetFile(inp).metadata
+    col = meta.row_group(0).column(0)                          # the prompt column's first page
+    start = col.data_page_offset
+    raw[start:start + 32] = b"\xff" * 32
+    inp.write_bytes(bytes(raw))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps({"name": "c", "input": str(inp), "output": str(tmp_path / "job"), "tiers": TIERS,
+                                "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}}))
+    res = CliRunner().invoke(main, ["run", str(spec)], env={"CASCADE_PLUGINS": "tests.doubles"})
+    assert res.exit_code == 2, res.output
+    assert f"error: {inp}: cannot be read as Parquet" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "job").exists()
+
+
+def test_tiers_sharing_the_scripted_model_answer_each_as_its_own_tier(tmp_path):
+    """The scripted double answers with its tier's name; three tiers that all say `model:
+    scripted` get three engines from the process's engine cache (as Celery workers, one per
+    tier, do), so `cascade run` and a cluster give the same rows."""
+    inp = write_input(tmp_path / "in.parquet", 40)
+    tiers = [{"name": n, "model": "scripted", "engine": "scripted", "cost": {"per_token": c}}
+             for n, c in (("small", 1), ("mid", 3), ("big", 10))]
+    job = run_embedded(make_spec(tmp_path, inp, tiers=tiers))
+    out = results(job.dir)
+    runs = [t for ts in out["tiers"].to_list() for t in ts]
+    assert {t["name"] for t in runs} == {"small", "mid", "big"}
+    assert all(t["response"].startswith(t["name"] + ":") for t in runs)
+
+
+def test_status_bars_keep_bar_and_counts_on_an_80_column_terminal():
+    import io
+
+    from rich.console import Console
+
+    from jobs.cli import status_bars
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    bars = status_bars(console)
+    bars.add_task("smollm2-135m", total=2000, completed=700, tier=0,
+                  detail="running 2u/100r, queued 10u/500r, done 30u/1500r; waiting to coalesce "
+                         "1234 rows; escalated 5678")
+    console.print(bars.make_tasks_table(bars.tasks))
+    line = buf.getvalue().splitlines()[0]
+    assert line.startswith("tier 0 smollm2-135m") and "700/2000" in line and "━" * 7 in line, line
+    assert line.rstrip().endswith("…") and len(line.rstrip()) <= 80, line

@@ -77,6 +77,7 @@ def write_job(path, rows, with_reference=True):
     (path / "results").mkdir(parents=True, exist_ok=True)
     pq.write_table(table.slice(0, 5), path / "results" / "part-00000.parquet")
     pq.write_table(table.slice(5), path / "results" / "part-00001.parquet")
+    (path / "finished.json").write_text(json.dumps({"status": {"state": "done"}}))   # as finalize leaves it
     return path
 
 
@@ -386,4 +387,16 @@ def test_a_job_json_that_cannot_be_read_is_an_error_not_a_guess(tmp_path):
     assert [t["name"] for t in s["tiers"]] == ["small", "big"]
     (job / "job.json").write_text("{not json")
     res = CliRunner().invoke(main, ["report", str(job), "--out", str(tmp_path / "rep2")])
-    assert res.exit_code == 2 and "error:" in res.output, res.output
+    assert res.exit_code == 2 and "error:" in res.output and "Expecting property name" in res.output, res.output
+
+
+def test_report_logs_and_export_of_an_unfinished_job_say_so(tmp_path):
+    job = write_job(tmp_path / "job", fixture_rows())
+    (job / "job.json").write_text(json.dumps(job_meta(0)))
+    (job / "finished.json").unlink()
+    for args in (["report", str(job)], ["logs", str(job), "--out", str(tmp_path / "l.parquet")],
+                 ["export", str(job), "--out", str(tmp_path / "x.jsonl")]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert f"error: {job}: the job has not finished (no finished.json); `cascade status {job}`" in res.output
+        assert "IO Error" not in res.output and "Traceback" not in res.output

@@ -197,6 +197,9 @@ class Engine:
 
     name = "base"
     context_length: int = 0
+    # An engine whose answers depend on the tier, not only on the model (the scripted test
+    # double answers with its tier's name): loaded once per tier, never shared by two tiers.
+    per_tier: bool = False
 
     def render(self, messages: list[dict]) -> str:
         """A chat as a prompt string, with the model's chat template and a generation prompt."""
@@ -265,8 +268,9 @@ class EngineStartError(RuntimeError):
 
 
 def _key(tier) -> tuple:
-    return (tier.engine, tier.model, tier.device, tier.dtype, tier.context,
-            tuple(sorted((k, repr(v)) for k, v in tier.engine_args.items())))
+    key = (tier.engine, tier.model, tier.device, tier.dtype, tier.context,
+           tuple(sorted((k, repr(v)) for k, v in tier.engine_args.items())))
+    return key + (tier.name,) if engine_class(tier.engine).per_tier else key
 
 
 def get_engine(tier, keep: int = 2) -> Engine:
