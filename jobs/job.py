@@ -175,7 +175,9 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
             old = None
         live = recovery.live_state(old) if old is not None else None
         if live is not None:
-            live.delete()
+            live.delete()                     # the old job's live state is retired with it
+        if old is not None:
+            recovery.unregister(old.id)
         store.remove("")
     store.makedirs()
     try:
@@ -217,6 +219,8 @@ def _submit_into(spec: JobSpec, store: Store, reader: InputReader, policy, broke
     snap = recovery.fresh_snapshot(job, shards)
     recovery.load(job, state if state is not None else recovery.live_state(job), snap, dispatch)
     store.write_json("submitted.json", {"submitted": time.time(), "shards": len(shards)})
+    if job.broker:                            # a cluster job: found again after a Redis loss
+        recovery.register(job)
     return job
 
 

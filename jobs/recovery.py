@@ -250,11 +250,60 @@ def jobs_root() -> str | None:
     return os.environ.get("CASCADE_JOBS_ROOT") or None
 
 
+# Under CASCADE_JOBS_ROOT: one small file per unfinished job, naming its directory, at any depth
+# below the root. Written by submit and by the first worker to run one of the job's units;
+# removed once the job has finished. It is how jobs are found again after Redis lost everything
+# and every worker restarted, at a cost per reconciler pass of one listing of running jobs
+# (never a walk of the job directories' files).
+INDEX = ".cascade-jobs"
+
+
+def register(job) -> bool:
+    """Record an unfinished job in the jobs root's index (once per process and job)."""
+    from jobs.storage import Store
+    from workers.celery_app import refusal
+
+    root = jobs_root()
+    if not root or job.id in _REGISTERED or refusal(job.dir):
+        return False
+    Store(root).write_json(f"{INDEX}/{job.id}.json", {"dir": job.dir, "registered": time.time()})
+    _REGISTERED.add(job.id)
+    return True
+
+
+def unregister(job_id: str):
+    from jobs.storage import Store
+
+    root = jobs_root()
+    if root:
+        Store(root).remove(f"{INDEX}/{job_id}.json")
+    _REGISTERED.discard(job_id)
+
+
+_REGISTERED: set[str] = set()
+
+
+def indexed_jobs() -> dict[str, str]:
+    """job id -> job directory of every job in the jobs root's index."""
+    from jobs.storage import Store
+
+    root = jobs_root()
+    if not root:
+        return {}
+    store = Store(root)
+    out = {}
+    for rel in store.glob(f"{INDEX}/*.json"):
+        try:
+            out[rel.rsplit("/", 1)[-1][:-5]] = store.read_json(rel)["dir"]
+        except (FileNotFoundError, ValueError, KeyError) as exc:    # removed meanwhile, or torn
+            log.warning("jobs index entry %s unreadable: %s", rel, exc)
+    return out
+
+
 def known_jobs(client) -> set[str]:
     """Unfinished jobs a reconciler looks after: those registered in Redis, those this process
-    has seen, and every submitted job directory under CASCADE_JOBS_ROOT (which is how jobs are
-    found again after Redis lost everything and every worker restarted)."""
-    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | SEEN
+    has seen, and every job in the jobs root's index (see INDEX) and directly under the root."""
+    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | SEEN | set(indexed_jobs().values())
     root = jobs_root()
     if root:
         dirs |= {str(p.parent) for p in Path(root).glob("*/submitted.json")
@@ -311,6 +360,9 @@ class Reconciler(threading.Thread):
             job = None
         if job is None or job.finished():
             SEEN.discard(job_dir)
+            for jid, d in indexed_jobs().items():
+                if d == job_dir:            # finished or gone: no entry for this directory stays
+                    unregister(jid)
             stale = [k for k, v in client.hgetall(JOBS_KEY).items() if v.decode() == job_dir]
             if stale:
                 client.hdel(JOBS_KEY, *stale)

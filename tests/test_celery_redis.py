@@ -39,7 +39,9 @@ LEASE = 2.0          # seconds; the fault tests expect recovery within a few lea
 
 
 def start_worker(tier: str, broker: str, log: Path, delay: float = 0.0, **env) -> subprocess.Popen:
-    env = {**os.environ, "CASCADE_PLUGINS": "tests.doubles", "CASCADE_SCRIPTED_DELAY": str(delay),
+    """A worker process; its jobs root is the test's directory (the log's) unless env says."""
+    env = {**os.environ, "CASCADE_JOBS_ROOT": str(Path(log).parent),
+           "CASCADE_PLUGINS": "tests.doubles", "CASCADE_SCRIPTED_DELAY": str(delay),
            "CASCADE_VISIBILITY_TIMEOUT": "3600", "PYTHONPATH": str(ROOT),
            "CASCADE_LEASE_SECONDS": str(LEASE), "CASCADE_RETRY_BACKOFF": "0.2",
            **{k: str(v) for k, v in env.items()}}
@@ -517,3 +519,41 @@ def test_a_worker_started_while_redis_is_down_serves_once_it_is_up(tmp_path, tie
         if server is not None:
             server.kill()
             server.wait()
+
+
+def test_job_deep_below_the_root_heals_after_redis_and_every_worker_restart(tmp_path, tier_names, own_redis):
+    """A job two levels below the jobs root, submitted by a process that does not know the root;
+    mid-job Redis dies and comes back empty, and every worker is killed and restarted while it is
+    down. Nothing that ran before remembers the job; the jobs root's index (written by the first
+    worker that ran one of its units) is how the new workers find it. It finishes by itself,
+    every row exactly once."""
+    url, start, procs = own_redis
+    spec = make_spec(tmp_path, 60, tier_names, output=str(tmp_path / "jobs" / "nightly" / "2026-12-07"))
+    cluster = Cluster(tmp_path, url, tier_names, delay=0.3, CASCADE_BROKER_WAIT=60)
+    try:
+        job = submit(spec, broker=url, dispatch=celery_dispatcher(url))
+        deadline = time.time() + 30
+        while control.status(job.dir)["tiers"][0]["rows_done"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert control.status(job.dir)["state"] == "running"
+        assert list((tmp_path / "jobs" / ".cascade-jobs").glob("*.json"))   # indexed by a worker
+        procs[-1].kill()
+        procs[-1].wait()
+        cluster.stop()                                   # every worker dies ...
+        cluster.supervise()                              # ... and restarts while Redis is down
+        time.sleep(2.0)
+        assert all(p.poll() is None for _, p in cluster.procs.values())     # waiting, not exited
+        start()
+        assert redis.Redis.from_url(url).dbsize() == 0
+        wait_done(job.dir, 20 * LEASE, cluster.supervise)
+        check_results(job.dir, 60)
+        assert not list((tmp_path / "jobs" / ".cascade-jobs").glob("*.json"))   # done: unindexed
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_without_a_jobs_root_refuses_to_start_and_says_why(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_JOBS_ROOT"}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "worker", "--tier", "x", "--broker", MAIN_REDIS],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "CASCADE_JOBS_ROOT is not set" in out.stderr, out.stderr

@@ -193,7 +193,7 @@ def test_celery_workers_serve_vllm_tiers_and_kill_9_leaves_no_engine(tmp_path):
             .replace("name: gemma3-270m", f"name: gemma3-{tag}"))
     spec_path.write_text(text)
     spec = load_spec(spec_path, overrides={"engine": "vllm"})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CASCADE_JOBS_ROOT": str(tmp_path)}
     workers = [subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--tier", t.name, "--broker",
                                  MAIN_REDIS, "--loglevel", "WARNING", "--hostname", f"{t.name}@{tag}"],
                                 cwd=ROOT, env=env, stdout=open(tmp_path / f"{t.name}.log", "w"),

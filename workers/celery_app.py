@@ -71,7 +71,8 @@ def refusal(job_dir: str) -> str | None:
 
 @app.task(name="cascade.run_unit", bind=True)
 def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
-    from jobs.recovery import SEEN
+    from jobs.job import open_job
+    from jobs.recovery import SEEN, register
     from jobs.units import run_unit
 
     refused = refusal(job_dir)
@@ -82,7 +83,12 @@ def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
     def dispatch(jd, units):
         send_units(jd, units, client=self.app, job_id=job_id)
 
-    SEEN.add(job_dir)
+    if job_dir not in SEEN:
+        SEEN.add(job_dir)
+        try:                    # a job submitted without the root in its environment
+            register(open_job(job_dir, job_id))
+        except Exception as exc:
+            log.warning("could not record job %s in the jobs root's index: %s", job_dir, exc)
     return run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname, job_id=job_id)
 
 
@@ -113,6 +119,13 @@ def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", h
 
     from jobs import broker as brokers
 
+    from jobs.recovery import jobs_root
+
+    if not jobs_root():
+        sys.exit("cascade worker: CASCADE_JOBS_ROOT is not set. Set it to the directory, shared by "
+                 "every worker, under which job directories live (any depth): after Redis loses its "
+                 "state, the workers find every unfinished job there again and finish it; without "
+                 "it a job can be left running with nobody working on it")
     broker = broker or broker_url()
     try:       # a broker that is down is waited for (CASCADE_BROKER_WAIT s); a wrong one is not
         brokers.check(broker, wait=brokers.worker_wait(), who="cascade worker")
