@@ -40,6 +40,12 @@ def _alerts(st: dict) -> list[str]:
     out = [f"  RETRYING {f['unit']} (attempt {f['attempts']} failed): {f['error']}" for f in st["failed"]]
     if st.get("finalize_error"):
         out.append(f"  FINALIZE FAILED: {st['finalize_error']}")
+    for line in st.get("waiting_for", []):
+        out.append(f"  WAITING: {line}")
+    for t in st["tiers"]:
+        if t.get("lease_expired_units"):
+            out.append(f"  tier {t['tier']}: {t['lease_expired_units']} running unit(s) past their lease "
+                       f"(worker presumed dead; the reconciler sends them again)")
     if st.get("reconciler_errors"):
         e = st["reconciler_errors"]
         out.append(f"  RECONCILER FAILED {e['count']} time(s) on this job, last: {e['last']}")

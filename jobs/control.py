@@ -21,8 +21,23 @@ def live_status(job, state) -> dict:
     out = {"job_id": job.id, "state": meta["state"], "rows": job.meta["rows"], "tiers": tiers,
            "failed": raw["failing"], "finalize_error": meta.get("finalize_error"),
            "dir": job.dir, "live": True}
-    if hasattr(state, "r"):                 # Redis: reconciler passes over this job that raised
+    if hasattr(state, "r"):                 # Redis: who serves each tier, and what waits on whom
+        from jobs.state import lease_seconds
+
+        now = time.time()
         out["reconciler_errors"] = recovery.reconciler_errors(state.r, job.dir)
+        expired = state.lease_expired(now)
+        for t in tiers:
+            w = recovery.tier_workers(state.r, t["name"], now, alive_within=max(3 * lease_seconds() / 4, 5.0))
+            t["workers"], t["worker_last_seen_s"] = len(w["alive"]), w["last_seen_s"]
+            t["lease_expired_units"] = expired.get(t["tier"], 0)
+            waiting = sum(v["units"] for k, v in t["states"].items() if k in ("queued", "retry", "running"))
+            if meta["state"] == "running" and waiting and not w["alive"]:
+                since = ("no worker has ever served it" if w["last_seen_s"] is None else
+                         f"no worker has served it for {w['last_seen_s']:.0f} s")
+                out.setdefault("waiting_for", []).append(
+                    f"tier {t['tier']} ({t['name']}): {waiting} unit(s) wait and {since}; start "
+                    f"`cascade worker --tier {t['name']}`")
     return out
 
 

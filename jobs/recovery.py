@@ -311,18 +311,42 @@ def known_jobs(client) -> set[str]:
     return dirs
 
 
+WORKERS_KEY = "cascade:workers:"     # + tier name: hash worker -> last heartbeat (unix time)
+
+
+def worker_heartbeat(client, tier: str, worker: str, now: float | None = None):
+    """A worker says it is alive and serving `tier` (its reconciler does, every pass)."""
+    client.hset(WORKERS_KEY + tier, worker, now or time.time())
+
+
+def tier_workers(client, tier: str, now: float, alive_within: float) -> dict:
+    """{"alive": workers heard from within `alive_within` s, "last_seen_s": seconds since any
+    worker of the tier was heard from (None: never)}; entries older than a day are dropped."""
+    beats = {k.decode(): float(v) for k, v in client.hgetall(WORKERS_KEY + tier).items()}
+    old = [k for k, t in beats.items() if now - t > 86400]
+    if old:
+        client.hdel(WORKERS_KEY + tier, *old)
+    alive = sorted(k for k, t in beats.items() if now - t <= alive_within)
+    last = max(beats.values(), default=None)
+    return {"alive": alive, "last_seen_s": None if last is None else round(now - last, 1)}
+
+
 class Reconciler(threading.Thread):
     """Runs `reconcile` over the known jobs every `every` seconds (default a quarter lease), in a
     daemon thread of a worker: the worker's main thread may be inside an engine call for
     minutes. Per job, a short Redis key lets one worker at a time do the pass."""
 
-    def __init__(self, broker: str, dispatch, queue_len, every: float | None = None):
+    def __init__(self, broker: str, dispatch, queue_len, every: float | None = None,
+                 tier: str | None = None, name: str | None = None):
         super().__init__(name="cascade-reconciler", daemon=True)
+        import socket
+
         from jobs.state import lease_seconds
 
         self.broker, self.dispatch, self.queue_len = broker, dispatch, queue_len
         self.every = every or max(lease_seconds() / 4, 0.5)
         self.stopped = threading.Event()
+        self.tier, self.worker = tier, name or f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self):
         while not self.stopped.wait(self.every):
@@ -335,6 +359,8 @@ class Reconciler(threading.Thread):
         import redis
 
         client = connect(self.broker)
+        if self.tier:
+            worker_heartbeat(client, self.tier, self.worker)
         for job_dir in known_jobs(client):
             try:
                 self.visit(client, job_dir)

@@ -416,6 +416,20 @@ class RedisState:
         return self._call("finalize_failed", error, due)["state"]
 
     # ------------------------------------------------------------ reading
+    def lease_expired(self, now: float) -> dict[int, int]:
+        """Per tier, running units whose lease has expired (their worker is presumed dead; the
+        reconciler will send them again): O(expired units), read from the lease index."""
+        uids = [u.decode() for u in self.r.zrangebyscore(self.p + "leases", "-inf", now)]
+        out: dict[int, int] = {}
+        if not uids:
+            return out
+        for raw in self.r.hmget(self.p + "units", uids):
+            if raw:
+                u = json.loads(raw)
+                if u["state"] == "running":
+                    out[u["tier"]] = out.get(u["tier"], 0) + 1
+        return out
+
     def status(self) -> dict:
         n = int(self.r.hget(self.p + "meta", "tiers") or 0)
         st = _blank_status(n)

@@ -557,3 +557,35 @@ def test_a_worker_without_a_jobs_root_refuses_to_start_and_says_why(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "worker", "--tier", "x", "--broker", MAIN_REDIS],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "CASCADE_JOBS_ROOT is not set" in out.stderr, out.stderr
+
+
+@pytest.mark.usefixtures("main_redis")
+def test_status_says_what_a_job_waits_for(tmp_path, tier_names):
+    """No worker for a tier whose units wait: status says so and names the command; a worker
+    that starts is counted from its heartbeat; a worker for a tier no job has says so at start."""
+    from jobs.cli import _alerts
+
+    job = submit(make_spec(tmp_path, 30, tier_names), broker=MAIN_REDIS, dispatch=celery_dispatcher(MAIN_REDIS))
+    stray = start_worker(f"nosuch{tier_names[0]}", MAIN_REDIS, tmp_path / "stray.log")
+    try:
+        st = control.status(job.dir)
+        assert st["tiers"][0]["workers"] == 0 and st["tiers"][0]["worker_last_seen_s"] is None
+        assert any(f"tier 0 ({tier_names[0]}): 3 unit(s) wait and no worker has ever served it; start "
+                   f"`cascade worker --tier {tier_names[0]}`" in line for line in _alerts(st)), _alerts(st)
+        control.cancel(job.dir)                      # the worker below drains without running
+        w = start_worker(tier_names[0], MAIN_REDIS, tmp_path / "w.log")
+        try:
+            deadline = time.time() + 20
+            while control.status(job.dir)["tiers"][0]["workers"] == 0 and time.time() < deadline:
+                time.sleep(0.2)
+            st = control.status(job.dir)
+            assert st["tiers"][0]["workers"] == 1 and st["tiers"][0]["worker_last_seen_s"] < 5
+        finally:
+            stop(w)
+        deadline = time.time() + 20
+        while "no running job has a tier named" not in (tmp_path / "stray.log").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert f"no running job has a tier named 'nosuch{tier_names[0]}'" in (tmp_path / "stray.log").read_text()
+        assert stray.poll() is None                  # and it keeps serving
+    finally:
+        stop(stray)

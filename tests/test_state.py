@@ -155,3 +155,17 @@ def test_scripts_on_a_state_that_is_gone_change_nothing(state):
         assert state.finalize_failed("disk full", 9.0) == "running"
         assert state.r.keys(state.p + "*") == []
     assert not state.exists()
+
+
+def test_a_running_unit_past_its_lease_is_reported_as_such():
+    """Redis only: `cascade status` reads expired leases from the Redis lease index (a memory
+    state lives in the one process that runs the job, where no lease expires)."""
+    require_redis(REDIS)
+    state = RedisState(redis.Redis.from_url(REDIS), f"test-{uuid.uuid4().hex[:8]}", lease=LEASE)
+    state.load(snapshot([unit_record(f"t0-s{i}", 0, f"routed/s{i}.arrow", 10) for i in range(2)]), 0.0)
+    state.start("t0-s0", "w", 1.0)
+    state.start("t0-s1", "w", 5.0)
+    assert state.lease_expired(1.0 + LEASE - 0.1) == {}
+    assert state.lease_expired(1.0 + LEASE + 0.1) == {0: 1}
+    assert state.lease_expired(5.0 + LEASE + 0.1) == {0: 2}
+    state.delete()

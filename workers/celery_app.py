@@ -113,6 +113,25 @@ def celery_dispatcher(broker: str):
     return dispatch
 
 
+def warn_if_no_job_has(tier: str, client):
+    """Say at start when no running job has a tier of this name (a typo would otherwise wait in
+    silence); the worker serves anyway, for jobs submitted later."""
+    from jobs.job import Job
+    from jobs.recovery import JOBS_KEY, indexed_jobs
+
+    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | set(indexed_jobs().values())
+    names = set()
+    for d in dirs:
+        try:
+            names |= {t.name for t in Job(d).spec.tiers}
+        except Exception as exc:            # a job directory gone or unreadable: not this one
+            log.debug("tier check: %s: %s", d, exc)
+    if tier not in names:
+        log.warning("no running job has a tier named %r (running jobs' tiers: %s); serving queue "
+                    "%s for jobs submitted later", tier, ", ".join(sorted(names)) or "none",
+                    queue_name(tier))
+
+
 def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", hostname=None):
     from jobs.recovery import Reconciler
     from jobs.state import connect
@@ -133,8 +152,12 @@ def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", h
         sys.exit(str(exc))
     app.conf.broker_url = broker
     client = make_app(broker)
+    import socket
+
+    name = (hostname or f"{tier}@%h").replace("%h", socket.gethostname())
+    warn_if_no_job_has(tier, connect(broker))
     Reconciler(broker, lambda jd, units: send_units(jd, units, client=client),
-               lambda name: connect(broker).llen(queue_name(name))).start()
+               lambda name: connect(broker).llen(queue_name(name)), tier=tier, name=name).start()
     argv = ["worker", "-Q", queue_name(tier), "--pool", "solo", "--concurrency", "1",
             "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", hostname or f"{tier}@%h",
             "--without-gossip", "--without-mingle"]
