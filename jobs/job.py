@@ -176,6 +176,7 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
         live = recovery.live_state(old) if old is not None else None
         if live is not None:
             live.delete()                     # the old job's live state is retired with it
+            live.r.hdel(recovery.JOBS_KEY, old.id)
         if old is not None:
             recovery.unregister(old.id)
         store.remove("")
