@@ -919,3 +919,24 @@ def test_status_bars_keep_bar_and_counts_on_an_80_column_terminal():
     line = buf.getvalue().splitlines()[0]
     assert line.startswith("tier 0 smollm2-135m") and "700/2000" in line and "━" * 7 in line, line
     assert line.rstrip().endswith("…") and len(line.rstrip()) <= 80, line
+
+
+def test_a_submit_that_never_finished_is_named_with_the_command_that_works(tmp_path):
+    """A job directory without submitted.json (its submit was killed): status says so, and a
+    new submit says to use --overwrite, which then works."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    inp = write_input(tmp_path / "in.parquet", 10)
+    spec = make_spec(tmp_path, inp)
+    job = run_embedded(spec, engine_factory=scripted_factory())
+    (Path(job.dir) / "submitted.json").unlink()
+    (Path(job.dir) / "finished.json").unlink()
+    res = CliRunner().invoke(main, ["status", job.dir])
+    assert res.exit_code == 2 and "did not finish (no submitted.json)" in res.output
+    assert "submit it again with --overwrite" in res.output and "Traceback" not in res.output
+    with pytest.raises(FileExistsError, match="did not finish .* submit again with --overwrite"):
+        run_embedded(spec, engine_factory=scripted_factory())
+    again = run_embedded(spec, engine_factory=scripted_factory(), overwrite=True)
+    assert len(results(again.dir)) == 10
