@@ -226,7 +226,7 @@ def run(job, state) -> str:
         job.store.remove("finalize_error.json")
         state.finalized()
         if job.broker:
-            from jobs.recovery import unregister
+            from jobs.roots import unregister
 
             try:                            # the jobs root's index holds unfinished jobs only
                 unregister(job.id)

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.broker import public, remember
+from jobs import roots
 from jobs.decide import make_policy
 from jobs.inputs import InputReader
 from jobs.spec import JobSpec
@@ -178,7 +179,7 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
             live.delete()                     # the old job's live state is retired with it
             live.r.hdel(recovery.JOBS_KEY, old.id)
         if old is not None:
-            recovery.unregister(old.id)
+            roots.unregister(old.id)
         store.remove("")
     store.makedirs()
     try:
@@ -221,7 +222,7 @@ def _submit_into(spec: JobSpec, store: Store, reader: InputReader, policy, broke
     recovery.load(job, state if state is not None else recovery.live_state(job), snap, dispatch)
     store.write_json("submitted.json", {"submitted": time.time(), "shards": len(shards)})
     if job.broker:                            # a cluster job: found again after a Redis loss
-        recovery.register(job)
+        roots.register(job)
     return job
 
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from jobs import coalesce, failpoints, finalize
+from jobs.roots import indexed_jobs, jobs_root, refusal, unregister
 from jobs.state import Advance, MemoryState, RedisState, connect, unit_record
 
 log = logging.getLogger(__name__)
@@ -246,60 +247,6 @@ def cancel(job, state):
 SEEN: set[str] = set()             # job directories this process has run units of
 
 
-def jobs_root() -> str | None:
-    return os.environ.get("CASCADE_JOBS_ROOT") or None
-
-
-# Under CASCADE_JOBS_ROOT: one small file per unfinished job, naming its directory, at any depth
-# below the root. Written by submit and by the first worker to run one of the job's units;
-# removed once the job has finished. It is how jobs are found again after Redis lost everything
-# and every worker restarted, at a cost per reconciler pass of one listing of running jobs
-# (never a walk of the job directories' files).
-INDEX = ".cascade-jobs"
-
-
-def register(job) -> bool:
-    """Record an unfinished job in the jobs root's index (once per process and job)."""
-    from jobs.storage import Store
-    from workers.celery_app import refusal
-
-    root = jobs_root()
-    if not root or job.id in _REGISTERED or refusal(job.dir):
-        return False
-    Store(root).write_json(f"{INDEX}/{job.id}.json", {"dir": job.dir, "registered": time.time()})
-    _REGISTERED.add(job.id)
-    return True
-
-
-def unregister(job_id: str):
-    from jobs.storage import Store
-
-    root = jobs_root()
-    if root:
-        Store(root).remove(f"{INDEX}/{job_id}.json")
-    _REGISTERED.discard(job_id)
-
-
-_REGISTERED: set[str] = set()
-
-
-def indexed_jobs() -> dict[str, str]:
-    """job id -> job directory of every job in the jobs root's index."""
-    from jobs.storage import Store
-
-    root = jobs_root()
-    if not root:
-        return {}
-    store = Store(root)
-    out = {}
-    for rel in store.glob(f"{INDEX}/*.json"):
-        try:
-            out[rel.rsplit("/", 1)[-1][:-5]] = store.read_json(rel)["dir"]
-        except (FileNotFoundError, ValueError, KeyError) as exc:    # removed meanwhile, or torn
-            log.warning("jobs index entry %s unreadable: %s", rel, exc)
-    return out
-
-
 def known_jobs(client) -> set[str]:
     """Unfinished jobs a reconciler looks after: those registered in Redis, those this process
     has seen, and every job in the jobs root's index (see INDEX) and directly under the root."""
@@ -375,7 +322,6 @@ class Reconciler(threading.Thread):
 
     def visit(self, client, job_dir: str):
         from jobs.job import Job
-        from workers.celery_app import refusal
 
         if refusal(job_dir):
             log.error("reconciler: %s", refusal(job_dir))

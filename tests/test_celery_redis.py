@@ -593,18 +593,18 @@ def test_status_says_what_a_job_waits_for(tmp_path, tier_names):
 
 @pytest.mark.usefixtures("main_redis")
 def test_overwrite_retires_the_old_jobs_live_state(tmp_path, tier_names, monkeypatch):
-    from jobs import recovery
+    from jobs import recovery, roots
 
     monkeypatch.setenv("CASCADE_JOBS_ROOT", str(tmp_path))
     spec = make_spec(tmp_path, 30, tier_names)
     old = submit(spec, broker=MAIN_REDIS, dispatch=lambda *a: None)
     client = redis.Redis.from_url(MAIN_REDIS)
     assert client.keys(f"cascade:job:{old.id}:*") and client.hexists(recovery.JOBS_KEY, old.id)
-    assert old.id in recovery.indexed_jobs()
+    assert old.id in roots.indexed_jobs()
     new = submit(spec, broker=MAIN_REDIS, dispatch=lambda *a: None, overwrite=True)
     try:
         assert not client.keys(f"cascade:job:{old.id}:*") and not client.hexists(recovery.JOBS_KEY, old.id)
-        assert set(recovery.indexed_jobs()) == {new.id}
+        assert set(roots.indexed_jobs()) == {new.id}
     finally:
         control.cancel(new.dir)
         client.hdel(recovery.JOBS_KEY, new.id)

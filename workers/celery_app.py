@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 from celery import Celery
+
+from jobs.roots import indexed_jobs, jobs_root, refusal, register
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 log = logging.getLogger(__name__)
@@ -54,25 +55,10 @@ def queue_name(tier_name: str) -> str:
     return f"cascade.{tier_name}"
 
 
-def refusal(job_dir: str) -> str | None:
-    """Why a job directory is refused (None: accepted): outside CASCADE_JOBS_ROOT, when set."""
-    import posixpath
-
-    root = os.environ.get("CASCADE_JOBS_ROOT")
-    if not root:
-        return None
-    if "://" in root or "://" in job_dir:
-        scheme, _, path = job_dir.partition("://")
-        ok = f"{scheme}://{posixpath.normpath(path)}".startswith(root.rstrip("/") + "/")
-    else:
-        ok = Path(job_dir).resolve().is_relative_to(Path(root).resolve())
-    return None if ok else f"job directory {job_dir} is not under CASCADE_JOBS_ROOT={root}"
-
-
 @app.task(name="cascade.run_unit", bind=True)
 def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
     from jobs.job import open_job
-    from jobs.recovery import SEEN, register
+    from jobs.recovery import SEEN
     from jobs.units import run_unit
 
     refused = refusal(job_dir)
@@ -117,7 +103,7 @@ def warn_if_no_job_has(tier: str, client):
     """Say at start when no running job has a tier of this name (a typo would otherwise wait in
     silence); the worker serves anyway, for jobs submitted later."""
     from jobs.job import Job
-    from jobs.recovery import JOBS_KEY, indexed_jobs
+    from jobs.recovery import JOBS_KEY
 
     dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | set(indexed_jobs().values())
     names = set()
@@ -137,8 +123,6 @@ def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", h
     from jobs.state import connect
 
     from jobs import broker as brokers
-
-    from jobs.recovery import jobs_root
 
     if not jobs_root():
         sys.exit("cascade worker: CASCADE_JOBS_ROOT is not set. Set it to the directory, shared by "
