@@ -167,7 +167,7 @@ def test_commands_have_help():
     assert {"calibrate", "replay", "eval", "run", "submit", "worker", "status", "resume", "cancel",
             "report", "logs"} <= names
     for name, cmd in cascade_command.commands.items():
-        assert cmd.help and "Example:" in cmd.help, name
+        assert cmd.help and ("Example:" in cmd.help or "Examples:" in cmd.help), name
 
 
 def test_online_learner_refits_from_audits_and_its_regret_flattens(tmp_path):
