@@ -6,7 +6,7 @@ import time
 
 from jobs import recovery
 from jobs.job import Job
-from jobs.state import MemoryState
+from jobs.state import MemoryState, RedisState, lease_seconds
 
 
 def live_status(job, state) -> dict:
@@ -21,14 +21,13 @@ def live_status(job, state) -> dict:
     out = {"job_id": job.id, "state": meta["state"], "rows": job.meta["rows"], "tiers": tiers,
            "failed": raw["failing"], "finalize_error": meta.get("finalize_error"),
            "dir": job.dir, "live": True}
-    if hasattr(state, "r"):                 # Redis: who serves each tier, and what waits on whom
-        from jobs.state import lease_seconds
-
+    if isinstance(state, RedisState):       # who serves each tier, and what waits on whom
         now = time.time()
+        alive_within = max(3 * lease_seconds() / 4, 5.0)      # three reconciler passes
         out["reconciler_errors"] = recovery.reconciler_errors(state.r, job.dir)
         expired = state.lease_expired(now)
         for t in tiers:
-            w = recovery.tier_workers(state.r, t["name"], now, alive_within=max(3 * lease_seconds() / 4, 5.0))
+            w = recovery.tier_workers(state.r, t["name"], now, alive_within)
             t["workers"], t["worker_last_seen_s"] = len(w["alive"]), w["last_seen_s"]
             t["lease_expired_units"] = expired.get(t["tier"], 0)
             waiting = sum(v["units"] for k, v in t["states"].items() if k in ("queued", "retry", "running"))

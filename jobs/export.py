@@ -26,9 +26,7 @@ def export(job_dir: str, out_path: str, fmt: str = "openai") -> int:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     store = Store(job_dir)
-    if not store.exists("finished.json"):
-        raise ExportError(f"{job_dir}: the job has not finished (no finished.json); "
-                          f"`cascade status {job_dir}` says where it is")
+    report.require_finished(job_dir, bare_results=False)
     finished = store.read_json("finished.json")
     meta = store.read_json("job.json")
     con = report.connect(job_dir)

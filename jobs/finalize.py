@@ -225,13 +225,6 @@ def run(job, state) -> str:
         job.store.write_json("finished.json", {"finished": time.time(), "parts": parts, "status": st})
         job.store.remove("finalize_error.json")
         state.finalized()
-        if job.broker:
-            from jobs.roots import unregister
-
-            try:                            # the jobs root's index holds unfinished jobs only
-                unregister(job.id)
-            except OSError as exc:          # a reconciler pass removes it later
-                log.warning("job %s done; its jobs-index entry stays for now: %s", job.id, exc)
         return "done"
     except Exception as exc:
         from jobs.units import backoff

@@ -174,12 +174,8 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
             old = Job(spec.output)
         except ValueError:        # another version's layout: its state is not this version's
             old = None
-        live = recovery.live_state(old) if old is not None else None
-        if live is not None:
-            live.delete()                     # the old job's live state is retired with it
-            live.r.hdel(recovery.JOBS_KEY, old.id)
-        if old is not None:
-            roots.unregister(old.id)
+        if old is not None:                   # the old job's live state is retired with it
+            _retire(old)
         store.remove("")
     store.makedirs()
     try:
@@ -189,9 +185,7 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
         # outright leaves a directory without submitted.json, which nothing runs or rebuilds.)
         if store.exists("job.json"):
             try:
-                live = recovery.live_state(Job(spec.output))
-                if live is not None:
-                    live.delete()
+                _retire(Job(spec.output))
             except Exception as exc:             # the state may be unreachable: say so, go on
                 log.warning("submit of %s failed; its live state could not be removed: %s",
                             spec.output, exc)
@@ -199,6 +193,16 @@ def submit(spec: JobSpec, *, broker: str | None = None, state=None, dispatch=Non
             _OPEN.pop(spec.output, None)
         store.remove("")
         raise
+
+
+def _retire(job: Job):
+    """Delete a job's live state and take it out of the registries reconcilers read."""
+    from jobs import recovery
+
+    live = recovery.live_state(job)
+    if live is not None:
+        live.delete()
+    recovery.forget(job.id, live)
 
 
 def _submit_into(spec: JobSpec, store: Store, reader: InputReader, policy, broker, state, dispatch) -> Job:

@@ -153,8 +153,20 @@ def follow(job, state, adv: Advance, dispatch):
         with heartbeat(state, FINALIZE):          # a long finalize keeps its lease
             after = finalize.run(job, state)
         if after == "done" and isinstance(state, RedisState):
-            state.r.hdel(JOBS_KEY, job.id)
+            forget(job.id, state)
             state.expire(DONE_TTL)
+
+
+def forget(job_id: str, state):
+    """Take a job out of what makes reconcilers look after it: Redis's registry of running jobs
+    (for a Redis state) and the jobs root's index. For a finished job, a retired (overwritten)
+    one and a submit that failed."""
+    if isinstance(state, RedisState):
+        state.r.hdel(JOBS_KEY, job_id)
+    try:
+        unregister(job_id)
+    except OSError as exc:                  # a reconciler pass removes the entry later
+        log.warning("job %s: its jobs-index entry stays for now: %s", job_id, exc)
 
 
 def ensure_state(job, state, dispatch) -> bool:
@@ -247,10 +259,12 @@ def cancel(job, state):
 SEEN: set[str] = set()             # job directories this process has run units of
 
 
-def known_jobs(client) -> set[str]:
+def known_jobs(client, index: dict[str, str] | None = None) -> set[str]:
     """Unfinished jobs a reconciler looks after: those registered in Redis, those this process
-    has seen, and every job in the jobs root's index (see INDEX) and directly under the root."""
-    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | SEEN | set(indexed_jobs().values())
+    has seen, and every job in the jobs root's index (`index`, read here if not given; see
+    jobs/roots.py) and directly under the root."""
+    index = indexed_jobs() if index is None else index
+    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | SEEN | set(index.values())
     root = jobs_root()
     if root:
         dirs |= {str(p.parent) for p in Path(root).glob("*/submitted.json")
@@ -308,9 +322,10 @@ class Reconciler(threading.Thread):
         client = connect(self.broker)
         if self.tier:
             worker_heartbeat(client, self.tier, self.worker)
-        for job_dir in known_jobs(client):
+        index = indexed_jobs()              # read once per pass
+        for job_dir in known_jobs(client, index):
             try:
-                self.visit(client, job_dir)
+                self.visit(client, job_dir, index)
             except redis.exceptions.ConnectionError:
                 raise                       # Redis away: the whole pass waits for the next tick
             except Exception as exc:        # this job only: every other job still heals
@@ -320,7 +335,7 @@ class Reconciler(threading.Thread):
                 except Exception as again:  # Redis away: the next tick tries everything again
                     log.warning("reconciler: cannot record the error of %s: %s", job_dir, again)
 
-    def visit(self, client, job_dir: str):
+    def visit(self, client, job_dir: str, index: dict[str, str]):
         from jobs.job import Job
 
         if refusal(job_dir):
@@ -332,7 +347,7 @@ class Reconciler(threading.Thread):
             job = None
         if job is None or job.finished():
             SEEN.discard(job_dir)
-            for jid, d in indexed_jobs().items():
+            for jid, d in index.items():
                 if d == job_dir:            # finished or gone: no entry for this directory stays
                     unregister(jid)
             stale = [k for k, v in client.hgetall(JOBS_KEY).items() if v.decode() == job_dir]

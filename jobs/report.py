@@ -157,14 +157,14 @@ class NotFinished(ValueError):
     """A job directory whose job has not finished: it has no results to read yet."""
 
 
-def require_finished(job_dir: str):
+def require_finished(job_dir: str, bare_results: bool = True):
     """Reports, logs and exports read `results/`, which finalize writes last: a job directory
     (job.json) without finished.json has none yet. A results directory copied on its own (no
-    job.json) is read as it is."""
+    job.json) is read as it is where `bare_results` (reports and logs; export needs the job)."""
     from jobs.storage import Store
 
     store = Store(job_dir)
-    if store.exists("job.json") and not store.exists("finished.json"):
+    if not store.exists("finished.json") and (store.exists("job.json") or not bare_results):
         raise NotFinished(f"{job_dir}: the job has not finished (no finished.json); "
                           f"`cascade status {job_dir}` says where it is")
 

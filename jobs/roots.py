@@ -65,7 +65,7 @@ def indexed_jobs() -> dict[str, str]:
 
 def refusal(job_dir: str) -> str | None:
     """Why a job directory is refused (None: accepted): outside CASCADE_JOBS_ROOT, when set."""
-    root = os.environ.get("CASCADE_JOBS_ROOT")
+    root = jobs_root()
     if not root:
         return None
     if "://" in root or "://" in job_dir:

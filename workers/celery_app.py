@@ -19,7 +19,7 @@ import sys
 
 from celery import Celery
 
-from jobs.roots import indexed_jobs, jobs_root, refusal, register
+from jobs.roots import jobs_root, refusal, register
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 log = logging.getLogger(__name__)
@@ -103,11 +103,10 @@ def warn_if_no_job_has(tier: str, client):
     """Say at start when no running job has a tier of this name (a typo would otherwise wait in
     silence); the worker serves anyway, for jobs submitted later."""
     from jobs.job import Job
-    from jobs.recovery import JOBS_KEY
+    from jobs.recovery import known_jobs
 
-    dirs = {v.decode() for v in client.hvals(JOBS_KEY)} | set(indexed_jobs().values())
     names = set()
-    for d in dirs:
+    for d in known_jobs(client):
         try:
             names |= {t.name for t in Job(d).spec.tiers}
         except Exception as exc:            # a job directory gone or unreadable: not this one
@@ -119,10 +118,11 @@ def warn_if_no_job_has(tier: str, client):
 
 
 def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", hostname=None):
-    from jobs.recovery import Reconciler
-    from jobs.state import connect
+    import socket
 
     from jobs import broker as brokers
+    from jobs.recovery import Reconciler
+    from jobs.state import connect
 
     if not jobs_root():
         sys.exit("cascade worker: CASCADE_JOBS_ROOT is not set. Set it to the directory, shared by "
@@ -136,13 +136,12 @@ def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", h
         sys.exit(str(exc))
     app.conf.broker_url = broker
     client = make_app(broker)
-    import socket
-
-    name = (hostname or f"{tier}@%h").replace("%h", socket.gethostname())
+    hostname = hostname or f"{tier}@%h"            # %h: Celery's own expansion, done here too
     warn_if_no_job_has(tier, connect(broker))
     Reconciler(broker, lambda jd, units: send_units(jd, units, client=client),
-               lambda name: connect(broker).llen(queue_name(name)), tier=tier, name=name).start()
+               lambda name: connect(broker).llen(queue_name(name)), tier=tier,
+               name=hostname.replace("%h", socket.gethostname())).start()
     argv = ["worker", "-Q", queue_name(tier), "--pool", "solo", "--concurrency", "1",
-            "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", hostname or f"{tier}@%h",
+            "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", hostname,
             "--without-gossip", "--without-mingle"]
     app.worker_main(argv)
