@@ -39,7 +39,7 @@ def main():
 
     import tests.doubles  # noqa: F401  (the scripted engine, for spec validation)
     from jobs import control
-    from jobs.job import submit
+    from jobs.submit import submit
     from jobs.spec import parse_spec
     from tests.redis_server import free_port, start_redis_server
     from workers.celery_app import celery_dispatcher

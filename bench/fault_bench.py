@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def one(seed: int, rows: int, delay: float) -> str:
     import polars as pl
 
-    from jobs.job import submit
+    from jobs.submit import submit
     from tests import test_celery_redis as harness
     from tests.redis_server import free_port, start_redis_server
     from workers.celery_app import celery_dispatcher

@@ -93,8 +93,8 @@ def before_job(work: Path, now: list[dict]) -> list[dict]:
     rows/s, and the demo's rows/s now as a multiple of it."""
     import yaml
 
-    from jobs.executor import LocalExecutor
-    from jobs.job import submit
+    from jobs.embedded import LocalExecutor
+    from jobs.submit import submit
     from jobs.spec import parse_spec
 
     raw = yaml.safe_load((ROOT / "examples/demo/job.yaml").read_text())
@@ -130,8 +130,8 @@ def main():
     import torch
 
     from jobs import report
-    from jobs.executor import LocalExecutor
-    from jobs.job import submit
+    from jobs.embedded import LocalExecutor
+    from jobs.submit import submit
     from jobs.spec import load_spec
     from workers.engines import base
     from workers.engines.transformers_engine import TransformersEngine

@@ -49,7 +49,7 @@ def _rss_mib() -> int:
 
 def one(work: Path, rows: int, shard: int) -> dict:
     from jobs import finalize, storage
-    from jobs.executor import run_embedded
+    from jobs.embedded import run_embedded
     from jobs.spec import parse_spec
     from tests.doubles import scripted_factory
 
@@ -119,7 +119,7 @@ def profile(rows: int, shard: int):
     import collections
     import functools
 
-    from jobs import coalesce, finalize, job, storage, units
+    from jobs import finalize, storage, submit, units, workfiles
     from tests import doubles
 
     spent, calls = collections.Counter(), collections.Counter()
@@ -139,7 +139,7 @@ def profile(rows: int, shard: int):
         setattr(owner, name, wrapper)
 
     stages = [  # (owner, function, label), nested stages indented
-        (job, "submit", "submit (read and check input, write shards)"),
+        (submit, "submit", "submit (read and check input, write shards)"),
         (units, "run_units", "run_units (a batch of units of a tier, to their commits)"),
         (units, "answer", "  answer a unit (read its rows, engine calls)"),
         (doubles.ScriptedEngine, "generate", "    the scripted engine double's generate"),
@@ -147,7 +147,7 @@ def profile(rows: int, shard: int):
         (units, "decide_units", "  decide a batch (features, decisions, result tables)"),
         (units, "write_result", "  write_result (Arrow IPC, handed to the writer)"),
         (units, "commit", "  commit (state transition, cuts)"),
-        (coalesce, "materialize", "    materialize a cut unit (gather its rows, write)"),
+        (workfiles, "materialize", "    materialize a cut unit (gather its rows, write)"),
         (finalize, "write_results", "finalize"),
         (storage.Store, "write_arrow", "every Arrow IPC write"),
         (storage.Store, "read_arrow", "every Arrow IPC read"),

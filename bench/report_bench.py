@@ -64,7 +64,7 @@ def main():
     duckdb.connect().execute(GEN.format(rows=args.rows, out=job))
     import pyarrow.parquet as pq
 
-    from jobs.units import TIER_STRUCT
+    from jobs.layout import TIER_STRUCT
 
     got = pq.read_schema(next((job / "results").glob("*.parquet"))).field("tiers").type.value_type
     if [f.name for f in got] != [f.name for f in TIER_STRUCT]:

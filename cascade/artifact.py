@@ -18,6 +18,7 @@ from cascade.errors import PolicyArtifactError
 from cascade.features import StateFeaturizer
 from cascade.policy import OperatingPoint
 from cascade.predictor import QualityMLP, StatePredictor, TrainConfig, TreeHead
+from cascade.runtime import Policy
 
 FORMAT = "cascade-policy"
 FORMAT_VERSION = 1
@@ -74,8 +75,6 @@ def save_policy(policy, out_dir: str | Path) -> Path:
 
 
 def load_policy(path: str | Path):
-    from cascade.runtime import Policy
-
     path = Path(path)
     meta, weights = path / "policy.json", path / "weights.safetensors"
     if not meta.exists() or not weights.exists():

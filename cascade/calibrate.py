@@ -19,6 +19,7 @@ from cascade.policy import (DPResult, OperatingPoint, all_states, backward_induc
                             choose_budget, mix_pick, phi, ridge_projector, row_hash,
                             simulate)
 from cascade.predictor import TrainConfig, auc, ece, fit_state, fold_of
+from cascade.runtime import Policy
 
 # Normalised lambdas swept: 0 (quality only) then log-spaced up to where only the cheapest
 # tier pays for itself. Quality is in [0, 1] and costs are in units of the best tier's mean.
@@ -66,8 +67,6 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     `lambdas` are in normalised cost units (best tier's mean cost = 1); `user_lambdas`, if given,
     replace them with lambdas in the log's own cost units and skip the grid refinement.
     """
-    from cascade.runtime import Policy
-
     if ladder.quality is None or ladder.cost is None:
         raise ValueError("calibration needs 'quality' and 'cost' at every tier")
     cfg = cfg or TrainConfig()

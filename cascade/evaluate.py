@@ -22,6 +22,7 @@ from cascade.calibrate import fit_policy
 from cascade.frontier import (area, cost_at_quality, oracle_chain, oracle_hull, oracle_steps,
                               upper_hull, value_at)
 from cascade.ladder import Ladder
+from cascade.online import online_regret
 from cascade.runtime import replay, spent
 from cascade.stats import bonferroni, compare
 
@@ -178,8 +179,6 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
         "predictor_metrics": report.predictor_metrics,
     }
     if online:
-        from cascade.online import online_regret
-
         point = policy.point()
         if np.isfinite(point.lam):
             summary["online"] = online_regret(test, point.lam / policy.cost_unit,
@@ -207,7 +206,7 @@ def write(result: EvalResult, out: str | Path) -> Path:
 
 
 def document(res: EvalResult):
-    from cascade.render import Doc, bar_png, fmt, frontier_png, lines_png
+    from cascade.render import Doc, bar_png, fmt, frontier_png, lines_png    # matplotlib: reports only
 
     s = res.summary
     c99 = s["cost_at_99pct_of_best_quality"]

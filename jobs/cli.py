@@ -1,5 +1,8 @@
-"""The `cascade` command: the policy commands (calibrate, replay, eval) plus the job commands
-(run, submit, worker, status, resume, cancel, report, logs, export)."""
+"""The `cascade` command (the console script points here): the one root group, with every
+command registered explicitly at the end of this module: the policy commands (calibrate,
+replay, eval; cascade/commands.py) and the job commands (run, submit, worker, status, resume,
+cancel, report, logs, export) defined here. Each command imports what it runs, so that
+`cascade --help` loads no engine, Celery, DuckDB or torch."""
 
 from __future__ import annotations
 
@@ -11,11 +14,17 @@ import time
 
 import click
 
-from cascade.cli import _fail, main
+from cascade.commands import calibrate, evaluate_cmd, fail, replay
 from cascade.errors import CascadeError
 from jobs.export import FORMATS
 
 USER_ERRORS = (CascadeError, FileNotFoundError, FileExistsError, KeyError, ValueError)
+
+
+@click.group()
+def main():
+    """Batch LLM cascades: run jobs over Parquet on a ladder of models, report on them, and
+    calibrate, replay and evaluate the stopping policy that decides who answers each row."""
 
 
 def render_status(st: dict) -> str:
@@ -123,7 +132,7 @@ ENGINE_OPTION = click.option("--engine", default=None,
                              help="Run every tier on this engine (e.g. vllm), whatever the spec says.")
 
 
-@main.command()
+@click.command()
 @click.argument("spec_path", metavar="JOB.yaml", type=click.Path(dir_okay=False))
 @click.option("--output", default=None, help="Override the spec's output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing job in the output directory.")
@@ -135,7 +144,7 @@ def run(spec_path, output, overwrite, quiet, engine):
     Example: cascade run examples/demo/job.yaml
     """
     from jobs import report
-    from jobs.executor import run_embedded
+    from jobs.embedded import run_embedded
 
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
@@ -146,7 +155,7 @@ def run(spec_path, output, overwrite, quiet, engine):
     except USER_ERRORS as exc:
         if view:
             view.close()
-        _fail(exc)
+        fail(exc)
     if view:
         view.close()
     click.echo(f"job {job.id} done in {time.perf_counter() - t0:.1f}s; results in {job.dir}/results/")
@@ -154,7 +163,7 @@ def run(spec_path, output, overwrite, quiet, engine):
         click.echo(report.text_report(job.dir))
 
 
-@main.command()
+@click.command()
 @click.argument("spec_path", metavar="JOB.yaml", type=click.Path(dir_okay=False))
 @click.option("--broker", envvar="CASCADE_BROKER", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--output", default=None, help="Override the spec's output directory.")
@@ -166,7 +175,7 @@ def submit(spec_path, broker, output, overwrite, engine):
     Example: cascade submit job.yaml --broker redis://redis:6379/0
     """
     from jobs import broker as brokers
-    from jobs.job import submit as submit_job
+    from jobs.submit import submit as submit_job
     from workers.celery_app import celery_dispatcher
 
     try:
@@ -174,11 +183,11 @@ def submit(spec_path, broker, output, overwrite, engine):
         brokers.check(broker, who="cascade submit")       # before anything is written
         job = submit_job(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(job.dir)
 
 
-@main.command()
+@click.command()
 @click.option("--tier", required=True, help="Tier name: the worker consumes queue cascade.<tier>.")
 @click.option("--broker", envvar="CASCADE_BROKER", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
@@ -198,7 +207,7 @@ BROKER_CREDENTIALS = click.option(
     help="The job's broker with its credentials (job directories record it without them).")
 
 
-@main.command()
+@click.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--watch", type=float, default=0, help="Refresh every N seconds until the job ends.")
@@ -219,7 +228,7 @@ def status(job_dir, as_json, watch, broker):
         except USER_ERRORS as exc:
             if view:
                 view.close()
-            _fail(exc)
+            fail(exc)
         if view:
             view.update(st)
         else:
@@ -231,7 +240,7 @@ def status(job_dir, as_json, watch, broker):
         time.sleep(watch)
 
 
-@main.command()
+@click.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--broker", envvar="CASCADE_BROKER", default=None,
               help="Re-enqueue on this broker, with its credentials (default: the job's own; "
@@ -245,7 +254,7 @@ def resume(job_dir, broker):
     """
     from jobs import broker as brokers
     from jobs import control
-    from jobs.executor import resume_embedded
+    from jobs.embedded import resume_embedded
     from jobs.job import Job
 
     try:
@@ -266,10 +275,10 @@ def resume(job_dir, broker):
                 view.close()
             click.echo(f"job {job.id}: {control.status(job_dir)['state']}")
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
 
 
-@main.command()
+@click.command()
 @click.argument("job_dir", metavar="JOB")
 @BROKER_CREDENTIALS
 def cancel(job_dir, broker):
@@ -284,11 +293,11 @@ def cancel(job_dir, broker):
     try:
         st = control.cancel(job_dir)
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(render_status(st))
 
 
-@main.command()
+@click.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write report.md, report.html, PNG plots and summary.json here.")
@@ -320,10 +329,10 @@ def report(job_dir, out_dir, history):
         if out_dir:
             click.echo(f"wrote {out_dir}/report.md, report.html, *.png, summary.json")
     except Exception as exc:      # a missing or unfinished job, unreadable Parquet
-        _fail(exc)
+        fail(exc)
 
 
-@main.command()
+@click.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="LOGS.parquet in the replay format (for cascade calibrate).")
@@ -338,12 +347,12 @@ def logs(job_dir, out_path):
     try:
         info = rep.export_logs(job_dir, out_path)
     except Exception as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"wrote {info['rows']} rows x {info['tiers']} tiers to {out_path}"
                + ("" if info["quality"] else " (no references: no quality column)"))
 
 
-@main.command()
+@click.command()
 @click.argument("job_dir", metavar="JOB")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="openai",
               show_default=True, help="openai: OpenAI Batch API output lines; the others: the result table.")
@@ -359,8 +368,13 @@ def export(job_dir, fmt, out_path):
     try:
         rows = write(job_dir, out_path, fmt)
     except Exception as exc:      # an unfinished or missing job, an unwritable path
-        _fail(exc)
+        fail(exc)
     click.echo(f"wrote {rows} rows ({fmt}) to {out_path}")
+
+
+for command in (run, submit, worker, status, resume, cancel, report, logs, export,
+                calibrate, replay, evaluate_cmd):
+    main.add_command(command)
 
 
 def entry():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobs.storage import Store
+
 FORMATS = ("openai", "parquet", "csv", "jsonl")
 OPTIONAL = {"messages": "STRUCT(role VARCHAR, content VARCHAR)[]", "request_model": "VARCHAR"}
 
@@ -20,8 +22,7 @@ class ExportError(ValueError):
 
 def export(job_dir: str, out_path: str, fmt: str = "openai") -> int:
     """Write the job's results to `out_path` in `fmt`; returns the number of rows written."""
-    from jobs import report
-    from jobs.storage import Store
+    from jobs import report    # DuckDB and scipy: `cascade --help` imports this module for FORMATS
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -24,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs import failpoints
+from jobs.layout import LINEAGE_NAME, result_tier, tier_column
+from jobs.progress import live_status
+from jobs.state import backoff
 
 log = logging.getLogger(__name__)
 SQL = Path(__file__).resolve().parent.parent / "sql" / "finalize.sql"
@@ -45,10 +49,6 @@ class _Part:
     and out cost more than the rest of finalize)."""
 
     def __init__(self, job, files: list[str], start: int, end: int, inputs: "_Inputs"):
-        from jobs.inputs import LINEAGE_NAME
-        from jobs.job import result_tier
-        from jobs.units import tier_column
-
         tables = [job.store.read_arrow(f) for f in files]
         tiers = [result_tier(f) for f in files]
         pos = np.concatenate([t.column("_row").to_numpy() for t in tables])
@@ -131,8 +131,6 @@ def _write_part(store, rel: str, reader: pa.RecordBatchReader, part: _Part, star
                 job_id: str):
     """Stream one part's rows, as the query shaped them, to Parquet with their lineage, checking
     that their input positions run start, start+1, ... end-1 (the query kept the order)."""
-    import pyarrow.parquet as pq
-
     writer, seen = None, start
     with store.fs.open(store.path(rel), "wb") as f:
         for batch in reader:
@@ -169,7 +167,7 @@ def write_results(job) -> int:
     it (their span is in each result's metadata), so memory is bounded by a part,
     not by the job. Checked as it goes: the positions in each part must run without a gap or a
     repeat. Returns the number of parts."""
-    import duckdb
+    import duckdb    # only finalize and reports use DuckDB: a worker that never finalizes skips it
 
     store = job.store
     files = store.glob("tiers/*/*.arrow")
@@ -216,8 +214,6 @@ def write_results(job) -> int:
 def run(job, state) -> str:
     """Finalize (idempotent); record success or failure in the state and the job directory.
     Returns the job's state after it."""
-    from jobs.control import live_status
-
     try:
         parts = write_results(job)
         st = live_status(job, state)
@@ -227,8 +223,6 @@ def run(job, state) -> str:
         state.finalized()
         return "done"
     except Exception as exc:
-        from jobs.units import backoff
-
         err = f"{type(exc).__name__}: {exc}"
         log.error("finalize of job %s failed: %s", job.id, err)
         after = state.finalize_failed(err, time.time() + backoff(state.job()["finalize_attempts"] + 1))

@@ -16,7 +16,6 @@ job and come out with status `error` and a reason.
 from __future__ import annotations
 
 import json
-import re
 
 import fsspec
 import numpy as np
@@ -25,14 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cascade.errors import CascadeError
+from jobs.layout import LINEAGE_NAME
 
 RESERVED = {"response", "final_tier", "final_tier_name", "tiers_run", "tiers", "status", "error",
             "cost", "seconds", "policy_version", "job_id", "trace", "next_tier", "kept_tier",
             "source_file", "audit", "_row", "_cost", "_seconds", "_response", "_status", "_error"}
-
-
-# A row's run on tier k is carried between tiers as the column _t<k> (jobs/units.py).
-LINEAGE_NAME = re.compile(r"_t[0-9]+")
 
 
 class InputError(CascadeError):

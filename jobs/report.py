@@ -16,6 +16,8 @@ import duckdb
 from scipy import stats
 
 from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lines_png, reliability_png
+from jobs.job import Job
+from jobs.storage import Store
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 QUERIES = ["selection", "funnel", "cost", "cost_per_tier", "fixed_tiers", "quality", "tier_quality",
@@ -48,8 +50,6 @@ def sql_text(name: str) -> str:
 
 
 def connect(job_dir: str) -> duckdb.DuckDBPyConnection:
-    from jobs.storage import Store
-
     con = duckdb.connect()
     store = Store(job_dir)
     if not store.local:                      # fsspec URL: DuckDB reads through the same filesystem
@@ -88,9 +88,6 @@ def _tier_names(job_dir: str, res) -> list[str]:
     """The job's tier names from its job.json; a results directory without one (copied on its
     own) names tiers from the funnel. A job.json that cannot be read is an error, not a reason
     to guess: tier names taken from the results could shift."""
-    from jobs.job import Job
-    from jobs.storage import Store
-
     if not Store(job_dir).exists("job.json"):
         return [r["name"] for r in _dicts(res, "funnel")]
     return [t.name for t in Job(job_dir).spec.tiers]
@@ -161,8 +158,6 @@ def require_finished(job_dir: str, bare_results: bool = True):
     """Reports, logs and exports read `results/`, which finalize writes last: a job directory
     (job.json) without finished.json has none yet. A results directory copied on its own (no
     job.json) is read as it is where `bare_results` (reports and logs; export needs the job)."""
-    from jobs.storage import Store
-
     store = Store(job_dir)
     if not store.exists("finished.json") and (store.exists("job.json") or not bare_results):
         raise NotFinished(f"{job_dir}: the job has not finished (no finished.json); "

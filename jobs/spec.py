@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import CascadeError
+from workers.engines.base import engine_names
 
 
 class SpecError(CascadeError):
@@ -166,8 +167,6 @@ class RawTier(_Raw):
     @field_validator("engine")
     @classmethod
     def _engine(cls, v):
-        from workers.engines.base import engine_names
-
         if v not in (names := engine_names()):
             raise ValueError(f"must be one of {names}, got {v!r}")
         return v

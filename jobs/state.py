@@ -7,7 +7,7 @@ Two stores with one contract (tests/test_state.py runs the same checks on both):
 - `RedisState`: a cluster's. Each transition is one Lua script, so it is atomic without a lock:
   no worker ever waits on another, and a worker killed mid-call leaves nothing half-done.
 
-Neither is the truth. The job directory is (see jobs/recovery.py): committed result files, the
+Neither is the truth. The job directory is (jobs/layout.py): committed result files, the
 work files of cut units and the markers of a finished or cancelled job. Either store can be
 rebuilt from it at any time, which is how a Redis that restarted empty is healed.
 
@@ -19,11 +19,19 @@ Unit states: `cutting` (rows chosen for it, its input file not yet written), `qu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
+import random
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FINALIZE = "__finalize__"          # the lease and retry entry of the finalize step
 ACTIVE = ("cutting", "queued", "running", "retry")
@@ -33,6 +41,40 @@ def lease_seconds() -> float:
     """How long a running unit (or a finalize) may go without a heartbeat before it is presumed
     dead and run again (env CASCADE_LEASE_SECONDS, default 60)."""
     return float(os.environ.get("CASCADE_LEASE_SECONDS", "60"))
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before the retry after failed attempt `attempt`: exponential backoff with full
+    jitter (uniform in [0, base * 2^(attempt-1)], as Celery's retry_backoff), base
+    CASCADE_RETRY_BACKOFF (default 2 s), capped at 10 minutes."""
+    base = float(os.environ.get("CASCADE_RETRY_BACKOFF", "2"))
+    return random.uniform(0, min(600.0, base * 2 ** (attempt - 1)))
+
+
+@contextlib.contextmanager
+def heartbeat(state, uids: str | list[str]):
+    """Renew the leases of units (or the finalize) every quarter lease while the block runs (a
+    thread: the engine call holds the main one)."""
+    if not state.needs_heartbeat:
+        yield
+        return
+    uids = [uids] if isinstance(uids, str) else list(uids)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(state.lease / 4):
+            for uid in uids:
+                try:
+                    state.heartbeat(uid, time.time())
+                except Exception as exc:      # Redis away: the next beat tries again
+                    log.warning("heartbeat of %s failed: %s", uid, exc)
+
+    t = threading.Thread(target=beat, name=f"heartbeat-{uids[0]}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -66,6 +108,7 @@ class MemoryState:
     """The state in this process's memory: for the embedded executor."""
 
     needs_heartbeat = False       # one process: nobody else can take a unit from it
+    registry = None               # no cluster: no registry of jobs and workers
 
     def __init__(self, lease: float | None = None):
         self.lease = lease or lease_seconds()
@@ -105,6 +148,24 @@ class MemoryState:
 
     def delete(self):
         self.__init__(self.lease)
+
+    # One process owns this state: no registry to join or leave, no other rebuilder or
+    # reconciler to exclude, nothing to expire.
+    def register(self, job_dir: str):
+        pass
+
+    def unregister(self):
+        pass
+
+    def expire(self, seconds: int):
+        pass
+
+    @contextlib.contextmanager
+    def rebuild_lock(self):
+        yield True
+
+    def claim_pass(self, seconds: float) -> bool:
+        return True
 
     def job(self) -> dict:
         return dict(self.meta)
@@ -289,8 +350,6 @@ class MemoryState:
 @functools.cache
 def _lua(name: str) -> str:
     """One section of state.lua, with the shared `lib` section in front."""
-    from pathlib import Path
-
     text = Path(__file__).with_name("state.lua").read_text()
     section = text.split(f"-- @{name}\n", 1)[1].split("\n-- @", 1)[0]
     return section if name == "lib" else _lua("lib") + "\n" + section
@@ -310,6 +369,7 @@ class RedisState:
         self.p = f"cascade:job:{job_id}:"
         self.lease = lease or lease_seconds()
         self.fn = {n: client.register_script(_lua(n)) for n in self.SCRIPTS}
+        self.registry = Registry(client)
 
     def _call(self, name: str, *args):
         out = self.fn[name](keys=[], args=[self.p, self.lease, *args])
@@ -370,6 +430,38 @@ class RedisState:
         for key in self._keys(n):
             pipe.expire(key, seconds)
         pipe.execute()
+
+    def register(self, job_dir: str):
+        """Put the job in the registry of running jobs that every worker's reconciler reads."""
+        self.r.hset(JOBS_KEY, self.job_id, job_dir)
+
+    def unregister(self):
+        self.r.hdel(JOBS_KEY, self.job_id)
+
+    @contextlib.contextmanager
+    def rebuild_lock(self):
+        """Yields whether this process may rebuild the state: one at a time, under a lock that
+        expires after one lease (a rebuilder that dies frees it)."""
+        import redis    # only a cluster's state gets here; `cascade run` never imports redis
+
+        lock = self.r.lock(self.p + "rebuild", timeout=self.lease, blocking=False)
+        if not lock.acquire():
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:  # held past its timeout: someone may have rebuilt too
+                log.warning("job %s: the rebuild took longer than its lock's timeout (%.0f s, one "
+                            "lease), so another worker may have rebuilt the state at the same time; "
+                            "the rebuild is idempotent, but a lease this short for the job's size "
+                            "makes it repeat (CASCADE_LEASE_SECONDS)", self.job_id, self.lease)
+
+    def claim_pass(self, seconds: float) -> bool:
+        """Whether this process does the job's next reconciler pass: one per `seconds`."""
+        return bool(self.r.set(self.p + "reconciling", "1", nx=True, px=int(seconds * 1000)))
 
     def job(self) -> dict:
         m = {k.decode(): v.decode() for k, v in self.r.hgetall(self.p + "meta").items()}
@@ -450,6 +542,62 @@ class RedisState:
         return st
 
 
+JOBS_KEY = "cascade:jobs"          # Redis hash: job id -> job directory, while a job runs
+# Redis hash: job directory -> {"count", "last", "at"} of reconciler passes over it that raised
+RECONCILER_ERRORS = "cascade:reconciler:errors"
+WORKERS_KEY = "cascade:workers:"     # + tier name: hash worker -> last heartbeat (unix time)
+
+
+class Registry:
+    """What a cluster's Redis knows beyond one job's state: the running jobs, the workers alive
+    per tier, and the reconciler's failures per job directory."""
+
+    def __init__(self, client):
+        self.r = client
+
+    def job_dirs(self) -> set[str]:
+        """The directories of the jobs registered as running."""
+        return {v.decode() for v in self.r.hvals(JOBS_KEY)}
+
+    def drop_dir(self, job_dir: str):
+        """Forget a finished or vanished job directory: its registry entries and its errors."""
+        stale = [k for k, v in self.r.hgetall(JOBS_KEY).items() if v.decode() == job_dir]
+        if stale:
+            self.r.hdel(JOBS_KEY, *stale)
+        self.r.hdel(RECONCILER_ERRORS, job_dir)
+
+    def worker_heartbeat(self, tier: str, worker: str, now: float | None = None):
+        """A worker says it is alive and serving `tier` (its reconciler does, every pass)."""
+        self.r.hset(WORKERS_KEY + tier, worker, now or time.time())
+
+    def tier_workers(self, tier: str, now: float, alive_within: float) -> dict:
+        """{"alive": workers heard from within `alive_within` s, "last_seen_s": seconds since any
+        worker of the tier was heard from (None: never)}; entries older than a day are dropped."""
+        beats = {k.decode(): float(v) for k, v in self.r.hgetall(WORKERS_KEY + tier).items()}
+        old = [k for k, t in beats.items() if now - t > 86400]
+        if old:
+            self.r.hdel(WORKERS_KEY + tier, *old)
+        alive = sorted(k for k, t in beats.items() if now - t <= alive_within)
+        last = max(beats.values(), default=None)
+        return {"alive": alive, "last_seen_s": None if last is None else round(now - last, 1)}
+
+    def record_error(self, job_dir: str, error: str):
+        """Count a failed reconciler pass over a job directory, with the last error and its time
+        (`cascade status` shows them)."""
+        raw = self.r.hget(RECONCILER_ERRORS, job_dir)
+        count = json.loads(raw)["count"] + 1 if raw else 1
+        self.r.hset(RECONCILER_ERRORS, job_dir,
+                    json.dumps({"count": count, "last": error, "at": time.time()}))
+
+    def errors(self, job_dir: str) -> dict | None:
+        raw = self.r.hget(RECONCILER_ERRORS, job_dir)
+        return json.loads(raw) if raw else None
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in a broker queue (Celery's Redis transport keeps a list per queue)."""
+        return self.r.llen(queue)
+
+
 def _list(v) -> list:
     return v if isinstance(v, list) else []     # cjson encodes an empty array as {}
 
@@ -468,7 +616,7 @@ def connect(url: str):
     network blip is ridden out instead of failing the unit."""
     client = _CLIENTS.get(url)
     if client is None:
-        import redis
+        import redis    # only a cluster connects; `cascade run` never imports redis
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 

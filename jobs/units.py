@@ -17,7 +17,7 @@ whose worker dies holding it is run again when its lease expires, and that count
 attempt too. After the last attempt the unit's rows become per-row errors with the reason, and
 the job goes on.
 
-A tier's run of a row is one struct (TIER_STRUCT), kept in the unit's result as the column
+A tier's run of a row is one struct (jobs.layout.TIER_STRUCT), kept in the unit's result as the column
 `_t<tier>`; finalize gathers each row's runs from every tier's results into the output's `tiers`
 list. Rows go on to the next tier without their earlier runs unless the policy judges on them
 (a calibrated artifact: `needs_lineage`), so a tier neither copies nor rewrites what earlier
@@ -27,14 +27,10 @@ artifact.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
-import os
-import random
 import socket
-import threading
 import time
 import zlib
 
@@ -42,36 +38,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import failpoints
-from workers.engines.base import Generations
+from jobs import failpoints, scheduling
+from jobs.job import live_state, open_job
+from jobs.layout import CHOICE_FEATURES, FEATURES, INTERNAL, TIER_STRUCT, result_file, targets_counted, tier_column
+from jobs.state import backoff, heartbeat
+from workers.engines.base import Generations, get_engine
 
 log = logging.getLogger(__name__)
-
-TIER_STRUCT = pa.struct([
-    ("tier", pa.int32()), ("name", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("response", pa.string()), ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()),
-    ("output_tokens", pa.int32()), ("first_logprob", pa.float64()), ("mean_logprob", pa.float64()),
-    ("min_logprob", pa.float64()), ("p_quality", pa.float64()), ("decision", pa.string()),
-    ("audit", pa.bool_()), ("seconds", pa.float64()), ("cost", pa.float64()),
-    ("choice_prob", pa.float64()), ("choice_margin", pa.float64()),
-])
-FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
-CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered without choices
-# Columns a row carries between tiers besides its input columns, its position (_row) and (for a
-# policy that needs them) its earlier runs: where it goes next and whose answer it keeps. What
-# follows from its runs (its cost, seconds, final answer and status) finalize derives from them.
-INTERNAL = ("next_tier", "kept_tier")
-
-
-def tier_column(tier: int) -> str:
-    """The column holding a row's run on `tier`."""
-    return f"_t{tier}"
-
-
-def lineage(row: dict, tiers: int) -> list[dict]:
-    """A row's runs in tier order, from a row of a unit's table as a dict."""
-    return [r for k in range(tiers) if (r := row.get(tier_column(k))) is not None]
-
 
 def _audit(row_id: str, tier: int, share: float) -> bool:
     return (zlib.crc32(f"{row_id}|{tier}".encode()) % 1_000_000) < share * 1_000_000
@@ -353,8 +326,6 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
     cols["kept_tier"] = pa.array(kept.astype(np.int32), mask=kept < 0)
     result = pa.table(cols)
-    from jobs.job import targets_counted
-
     pos = table.column("_row").to_numpy()
     out = []
     for s, e in zip(*_bounds(units)):
@@ -372,67 +343,35 @@ def _bounds(units: list[Answers]) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------- the task function
 
-def backoff(attempt: int) -> float:
-    """Seconds before the retry after failed attempt `attempt`: exponential backoff with full
-    jitter (uniform in [0, base * 2^(attempt-1)], as Celery's retry_backoff), base
-    CASCADE_RETRY_BACKOFF (default 2 s), capped at 10 minutes."""
-    base = float(os.environ.get("CASCADE_RETRY_BACKOFF", "2"))
-    return random.uniform(0, min(600.0, base * 2 ** (attempt - 1)))
-
-
-@contextlib.contextmanager
-def heartbeat(state, uids: str | list[str]):
-    """Renew the leases of units (or the finalize) every quarter lease while the block runs (a
-    thread: the engine call holds the main one)."""
-    if not state.needs_heartbeat:
-        yield
-        return
-    uids = [uids] if isinstance(uids, str) else list(uids)
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(state.lease / 4):
-            for uid in uids:
-                try:
-                    state.heartbeat(uid, time.time())
-                except Exception as exc:      # Redis away: the next beat tries again
-                    log.warning("heartbeat of %s failed: %s", uid, exc)
-
-    t = threading.Thread(target=beat, name=f"heartbeat-{uids[0]}", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-
-
 def run_unit(job_dir: str, unit_id: str, *, state=None, engine_factory=None, dispatch=None,
-             worker: str | None = None, job_id: str | None = None) -> str:
+             worker: str | None = None, job_id: str | None = None, rebuild=None) -> str:
     """Run one unit (idempotent) and commit it. Returns what happened: 'done', 'duplicate',
     'retry' (the engine failed; due again later), or why it did not run: 'busy' (another worker
-    holds it), 'cancelled', 'stale' (the message is for a job no longer in that directory),
-    'unknown'."""
+    holds it, or the job's state is missing and is being rebuilt), 'cancelled', 'stale' (the
+    message is for a job no longer in that directory), 'unknown'."""
     return run_units(job_dir, [unit_id], state=state, engine_factory=engine_factory,
-                     dispatch=dispatch, worker=worker, job_id=job_id)[0]
+                     dispatch=dispatch, worker=worker, job_id=job_id, rebuild=rebuild)[0]
 
 
 def run_units(job_dir: str, unit_ids: list[str], *, state=None, engine_factory=None,
-              dispatch=None, worker: str | None = None, job_id: str | None = None) -> list[str]:
+              dispatch=None, worker: str | None = None, job_id: str | None = None,
+              rebuild=None) -> list[str]:
     """`run_unit` for several units of one tier: each is taken, run on the engine (its own
     call: a unit is the engine's batch) and committed on its own, as if run alone; their
     features, decisions and result tables are computed in one pass over all their rows (the
     embedded executor runs units this way: per unit, that bookkeeping costs more than the
-    scripted engine double's answers). Returns each unit's verdict, in order."""
-    from jobs import recovery
-    from jobs.job import open_job, result_file
-    from workers.engines import get_engine
+    scripted engine double's answers). Returns each unit's verdict, in order.
 
+    Only a job whose state is missing (Redis restarted empty) leaves this path: `rebuild(job,
+    state, dispatch)` (the executor's; a Celery worker passes recovery.ensure_state) may rebuild
+    it and returns whether the state is there now; without it, the units wait for the
+    reconciler, which rebuilds the state and sends them again."""
     job = open_job(job_dir, job_id)
     if job_id and job.id != job_id:
         return ["stale"] * len(unit_ids)
-    state = state if state is not None else recovery.live_state(job)
-    if not state.exists() and not recovery.ensure_state(job, state, dispatch):
-        return ["busy"] * len(unit_ids)   # another worker is rebuilding the state; it sends them
+    state = state if state is not None else live_state(job)
+    if not state.exists() and not (rebuild is not None and rebuild(job, state, dispatch)):
+        return ["busy"] * len(unit_ids)   # its state is being rebuilt; the rebuild sends them
     verdicts: dict[str, str] = {}
     taken = []
     for uid in unit_ids:
@@ -523,8 +462,6 @@ def _decide_each(job, answered: list[tuple[dict, Answers]], state):
 def write_result(job, unit_id: str, tier: int, result: Result) -> dict[int, int] | None:
     """Commit a unit's result, write-once. Returns its escalation targets, or None if a result
     was committed first by someone else."""
-    from jobs.job import result_file
-
     ok = job.store.write_arrow(result_file(unit_id, tier), result.table,
                                {"unit": unit_id, "rows": result.table.num_rows,
                                 "targets": result.targets, "span": result.span}, once=True)
@@ -534,11 +471,9 @@ def write_result(job, unit_id: str, tier: int, result: Result) -> dict[int, int]
 def commit(job, state, unit_id: str, targets: dict[int, int], dispatch) -> str:
     """Record a committed unit; cut, write and send the units it completes; finalize the job
     when nothing is left."""
-    from jobs import recovery
-
     adv = state.done(unit_id, targets, time.time())
     failpoints.hit("after_state_update")
     if adv.cuts:
         failpoints.hit("between_commit_and_cut")
-    recovery.follow(job, state, adv, dispatch)
+    scheduling.follow(job, state, adv, dispatch)
     return adv.status

@@ -24,7 +24,8 @@ import redis
 
 import tests.doubles  # noqa: F401  (registers the scripted engine for spec validation)
 from jobs import control
-from jobs.job import Job, submit
+from jobs.job import Job
+from jobs.submit import submit
 from jobs.spec import parse_spec
 from tests.redis_server import free_port, start_redis_server
 from tests.services import require_redis, require_redis_server
@@ -371,6 +372,9 @@ def test_reconciler_goes_on_past_a_bad_job_and_counts_it_in_status(tmp_path, tie
     failures are logged and counted where `cascade status` shows them."""
     from jobs import recovery
     from jobs.cli import _alerts
+    from jobs.job import live_state
+    from jobs.state import JOBS_KEY, RECONCILER_ERRORS, Registry
+    from workers.reconciler import Reconciler
 
     client = redis.Redis.from_url(MAIN_REDIS)
     jobs = []
@@ -381,7 +385,7 @@ def test_reconciler_goes_on_past_a_bad_job_and_counts_it_in_status(tmp_path, tie
     bad_dir = tmp_path / "corrupt"
     bad_dir.mkdir()
     (bad_dir / "job.json").write_text("{not json")
-    client.hset(recovery.JOBS_KEY, "corrupt-" + tier_names[0], str(bad_dir))
+    client.hset(JOBS_KEY, "corrupt-" + tier_names[0], str(bad_dir))
     seen = []
 
     def reconcile(job, state, dispatch, queue_len=None):
@@ -390,14 +394,14 @@ def test_reconciler_goes_on_past_a_bad_job_and_counts_it_in_status(tmp_path, tie
             raise RuntimeError("a unit file that cannot be read")
 
     monkeypatch.setattr(recovery, "reconcile", reconcile)
-    rec = recovery.Reconciler(MAIN_REDIS, dispatch=None, queue_len=lambda tier: 0, every=0.5)
+    rec = Reconciler(MAIN_REDIS, dispatch=None, queue_len=lambda tier: 0, every=0.5)
     try:
         for _ in range(2):
             rec.tick()
             for j in jobs:                                   # let the next pass visit both again
-                client.delete(recovery.live_state(j).p + "reconciling")
+                client.delete(live_state(j).p + "reconciling")
         assert seen.count(jobs[1].dir) == 2 and seen.count(jobs[0].dir) == 2
-        err = recovery.reconciler_errors(client, str(bad_dir))
+        err = Registry(client).errors(str(bad_dir))
         assert err["count"] == 2 and "JSONDecodeError" in err["last"]
         st = control.status(jobs[0].dir)
         assert st["reconciler_errors"]["count"] == 2
@@ -405,8 +409,8 @@ def test_reconciler_goes_on_past_a_bad_job_and_counts_it_in_status(tmp_path, tie
         assert any("RECONCILER FAILED 2 time(s)" in line for line in _alerts(st))
         assert control.status(jobs[1].dir)["reconciler_errors"] is None
     finally:
-        client.hdel(recovery.JOBS_KEY, "corrupt-" + tier_names[0])
-        client.hdel(recovery.RECONCILER_ERRORS, str(bad_dir), *(j.dir for j in jobs))
+        client.hdel(JOBS_KEY, "corrupt-" + tier_names[0])
+        client.hdel(RECONCILER_ERRORS, str(bad_dir), *(j.dir for j in jobs))
         for j in jobs:
             control.cancel(j.dir)
 
@@ -415,7 +419,7 @@ def test_check_results_catches_a_lost_escalation(tmp_path):
     """The result check every Redis and fault test uses sees a lost escalation: a row whose
     later runs never happened, its last run rewritten to look like a plain stop (what a row
     whose cut was lost would show), fails it; the untouched job passes."""
-    from jobs.executor import run_embedded
+    from jobs.embedded import run_embedded
     from tests.doubles import scripted_factory
 
     job = run_embedded(make_spec(tmp_path, 40, ["a", "b"]), engine_factory=scripted_factory())
@@ -593,18 +597,19 @@ def test_status_says_what_a_job_waits_for(tmp_path, tier_names):
 
 @pytest.mark.usefixtures("main_redis")
 def test_overwrite_retires_the_old_jobs_live_state(tmp_path, tier_names, monkeypatch):
-    from jobs import recovery, roots
+    from jobs import roots
+    from jobs.state import JOBS_KEY
 
     monkeypatch.setenv("CASCADE_JOBS_ROOT", str(tmp_path))
     spec = make_spec(tmp_path, 30, tier_names)
     old = submit(spec, broker=MAIN_REDIS, dispatch=lambda *a: None)
     client = redis.Redis.from_url(MAIN_REDIS)
-    assert client.keys(f"cascade:job:{old.id}:*") and client.hexists(recovery.JOBS_KEY, old.id)
+    assert client.keys(f"cascade:job:{old.id}:*") and client.hexists(JOBS_KEY, old.id)
     assert old.id in roots.indexed_jobs()
     new = submit(spec, broker=MAIN_REDIS, dispatch=lambda *a: None, overwrite=True)
     try:
-        assert not client.keys(f"cascade:job:{old.id}:*") and not client.hexists(recovery.JOBS_KEY, old.id)
+        assert not client.keys(f"cascade:job:{old.id}:*") and not client.hexists(JOBS_KEY, old.id)
         assert set(roots.indexed_jobs()) == {new.id}
     finally:
         control.cancel(new.dir)
-        client.hdel(recovery.JOBS_KEY, new.id)
+        client.hdel(JOBS_KEY, new.id)

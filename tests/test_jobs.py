@@ -17,8 +17,9 @@ import pytest
 
 from tests.doubles import scripted_factory
 from jobs import control, report
-from jobs.executor import LocalExecutor, resume_embedded, run_embedded
-from jobs.job import result_file, submit
+from jobs.embedded import LocalExecutor, resume_embedded, run_embedded
+from jobs.layout import result_file
+from jobs.submit import submit
 from jobs.units import execute, run_unit, write_result
 from jobs.inputs import InputError
 from jobs.spec import SpecError, load_spec, parse_spec
@@ -271,7 +272,7 @@ def test_cancel_stops_and_resume_finishes(tmp_path):
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped(monkeypatch):
-    from jobs.units import backoff
+    from jobs.state import backoff
 
     monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "3")
     random.seed(7)
@@ -286,7 +287,7 @@ def test_backoff_is_exponential_with_full_jitter_and_capped(monkeypatch):
 def test_engine_failures_are_retried_with_backoff_then_succeed(tmp_path, monkeypatch):
     # The jitter draws its upper end, so attempt k's retry waits exactly base * 2^(k-1).
     monkeypatch.setenv("CASCADE_RETRY_BACKOFF", "0.4")
-    monkeypatch.setattr("jobs.units.random.uniform", lambda lo, hi: hi)
+    monkeypatch.setattr("jobs.state.random.uniform", lambda lo, hi: hi)
     inp = write_input(tmp_path / "in.parquet", 10)
     failures = {"left": 2}
     seen, calls = [], []

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cascade.artifact import load_policy, save_policy
 from cascade.calibrate import fit_policy
-from cascade.cli import main
+from jobs.cli import main
 from cascade.errors import PolicyArtifactError
 from cascade.ladder import load_ladder
 from cascade.runtime import replay, spent

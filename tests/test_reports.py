@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from jobs import report
 from jobs.cli import main
-from jobs.units import TIER_STRUCT
+from jobs.layout import TIER_STRUCT
 
 NAMES = ["small", "big"]
 

@@ -181,7 +181,7 @@ def test_a_kv_cache_larger_than_the_memory_is_refused_before_vllm_starts():
 
 @pytest.mark.redis
 def test_celery_workers_serve_vllm_tiers_and_kill_9_leaves_no_engine(tmp_path):
-    from jobs.job import submit
+    from jobs.submit import submit
     from jobs.spec import load_spec
     from tests.test_celery_redis import MAIN_REDIS, wait_done
     from workers.celery_app import celery_dispatcher

@@ -1,7 +1,7 @@
 """The Celery app: one queue per tier (`cascade.<tier name>`), JSON only, late acks, prefetch 1.
 
 A tier worker is `cascade worker --tier NAME` (solo pool, one task at a time, and a reconciler
-thread: see jobs/recovery.py), or equivalently
+thread: workers/reconciler.py), or equivalently
 `celery -A workers.celery_app worker -Q cascade.NAME --pool solo --prefetch-multiplier 1`
 (without the reconciler: run at least one `cascade worker`).
 The broker URL comes from CASCADE_BROKER (default redis://127.0.0.1:6379/0); put the Redis
@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 from celery import Celery
 
+from jobs import broker as brokers
+from jobs.job import Job, open_job
+from jobs.recovery import SEEN, ensure_state, known_jobs
 from jobs.roots import jobs_root, refusal, register
+from jobs.state import Registry, connect
+from jobs.units import run_unit
+from workers.reconciler import Reconciler
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 log = logging.getLogger(__name__)
@@ -57,10 +64,6 @@ def queue_name(tier_name: str) -> str:
 
 @app.task(name="cascade.run_unit", bind=True)
 def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
-    from jobs.job import open_job
-    from jobs.recovery import SEEN
-    from jobs.units import run_unit
-
     refused = refusal(job_dir)
     if refused:
         log.error("refused unit %s: %s", unit_id, refused)
@@ -75,13 +78,14 @@ def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
             register(open_job(job_dir, job_id))
         except Exception as exc:
             log.warning("could not record job %s in the jobs root's index: %s", job_dir, exc)
-    return run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname, job_id=job_id)
+    # A job whose state Redis lost is rebuilt here at once (one worker, under a lock) rather
+    # than on the reconciler's next pass.
+    return run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname, job_id=job_id,
+                    rebuild=ensure_state)
 
 
 def send_units(job_dir: str, units: list[dict], client: Celery | None = None,
                job_id: str | None = None):
-    from jobs.job import open_job
-
     client = client or app
     job = open_job(job_dir, job_id)
     with client.producer_or_acquire() as producer:
@@ -102,11 +106,8 @@ def celery_dispatcher(broker: str):
 def warn_if_no_job_has(tier: str, client):
     """Say at start when no running job has a tier of this name (a typo would otherwise wait in
     silence); the worker serves anyway, for jobs submitted later."""
-    from jobs.job import Job
-    from jobs.recovery import known_jobs
-
     names = set()
-    for d in known_jobs(client):
+    for d in known_jobs(Registry(client)):
         try:
             names |= {t.name for t in Job(d).spec.tiers}
         except Exception as exc:            # a job directory gone or unreadable: not this one
@@ -118,12 +119,6 @@ def warn_if_no_job_has(tier: str, client):
 
 
 def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", hostname=None):
-    import socket
-
-    from jobs import broker as brokers
-    from jobs.recovery import Reconciler
-    from jobs.state import connect
-
     if not jobs_root():
         sys.exit("cascade worker: CASCADE_JOBS_ROOT is not set. Set it to the directory, shared by "
                  "every worker, under which job directories live (any depth): after Redis loses its "
@@ -139,7 +134,7 @@ def start_worker(tier: str, broker: str | None = None, loglevel: str = "INFO", h
     hostname = hostname or f"{tier}@%h"            # %h: Celery's own expansion, done here too
     warn_if_no_job_has(tier, connect(broker))
     Reconciler(broker, lambda jd, units: send_units(jd, units, client=client),
-               lambda name: connect(broker).llen(queue_name(name)), tier=tier,
+               lambda name: Registry(connect(broker)).queue_length(queue_name(name)), tier=tier,
                name=hostname.replace("%h", socket.gethostname())).start()
     argv = ["worker", "-Q", queue_name(tier), "--pool", "solo", "--concurrency", "1",
             "--prefetch-multiplier", "1", "--loglevel", loglevel, "-n", hostname,

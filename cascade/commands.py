@@ -1,4 +1,7 @@
-"""The `cascade` command line. Each command parses its arguments and calls the Python API."""
+"""The policy commands of the `cascade` command line (calibrate, replay, eval): each parses its
+arguments and calls the cascade library. The root group that registers them, beside the job
+commands, is jobs/cli.py (the console script). Each command imports what it runs, so that
+`cascade --help` loads neither torch nor polars."""
 
 from __future__ import annotations
 
@@ -12,18 +15,13 @@ import click
 from cascade.errors import CascadeError
 
 
-def _fail(exc: Exception):
+def fail(exc: Exception):
+    """A user's error: printed on one line, exit status 2."""
     click.echo(f"error: {exc}", err=True)
     sys.exit(2)
 
 
-@click.group()
-def main():
-    """Batch LLM cascades: run jobs over Parquet on a ladder of models, report on them, and
-    calibrate, replay and evaluate the stopping policy that decides who answers each row."""
-
-
-@main.command()
+@click.command()
 @click.argument("logs", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Policy directory to write (policy.json + weights.safetensors).")
@@ -56,10 +54,10 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
     from cascade.predictor import CANDIDATES, TrainConfig
 
     if max_cost is not None and min_quality is not None:
-        _fail(ValueError("give --max-cost or --min-quality, not both"))
+        fail(ValueError("give --max-cost or --min-quality, not both"))
     kinds = tuple(m.strip() for m in models.split(",") if m.strip())
     if not kinds or set(kinds) - set(CANDIDATES):
-        _fail(ValueError(f"--models {models!r}: choose from {', '.join(CANDIDATES)}"))
+        fail(ValueError(f"--models {models!r}: choose from {', '.join(CANDIDATES)}"))
     budget = (Budget("cost", max_cost, confidence) if max_cost is not None else
               Budget("quality", min_quality, confidence) if min_quality is not None else None)
     say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
@@ -70,7 +68,7 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
                                     budget=budget, no_harm_confidence=no_harm_confidence, log=say)
         path = save_policy(policy, out_dir)
     except (CascadeError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
     if not quiet:
         observed = [m for m in report.predictor_metrics if m["observed"]]
         click.echo(f"calibrated on {report.rows} rows, {ladder.n_tiers} tiers in {report.seconds:.1f}s")
@@ -94,7 +92,7 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
         click.echo(f"wrote {path}")
 
 
-@main.command()
+@click.command()
 @click.argument("policy_dir", type=click.Path(file_okay=False))
 @click.argument("logs", type=click.Path(dir_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
@@ -118,13 +116,13 @@ def replay(policy_dir, logs, out_path, points):
         ladder = load_ladder(frame, schema=policy.schema, require_cost=False)
         decisions = run_replay(policy, ladder, list(points) or None)
     except (CascadeError, ValueError, KeyError) as exc:
-        _fail(exc)
+        fail(exc)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(decisions.to_arrow().cast(DECISIONS), out_path)
     click.echo(f"wrote {len(decisions)} decisions ({decisions['point'].n_unique()} operating points) to {out_path}")
 
 
-@main.command(name="eval")
+@click.command(name="eval")
 @click.argument("logs", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--calibration-share", type=float, default=0.3, show_default=True)
@@ -145,11 +143,7 @@ def evaluate_cmd(logs, out_dir, calibration_share, seed, online, max_t):
         result = evaluate(ladder, calibration_share=calibration_share, seed=seed, online=online,
                           max_t=max_t, log=lambda m: click.echo(m, err=True))
     except (CascadeError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
     path = write(result, out_dir)
     click.echo((path / "summary.md").read_text())
     click.echo(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from jobs.layout import lineage
 from jobs.spec import JobSpec
 
 # decide(tier, rows, current) -> (next_tier, kept, p_quality), one entry per row:
 #   rows     the rows that answered on `tier` (a pyarrow Table with their lineage so far: one
-#            column per tier, jobs.units.tier_column),
+#            column per tier, jobs.layout.tier_column),
 #   current  this tier's answer column-wise: each feature, `response` and `cost`;
 #   next_tier  int array, -1 where the row stops; kept: the tier whose answer is final if it
 #   stops; p_quality: the predictor's estimate of this tier's quality, or None.
@@ -47,14 +48,14 @@ class ArtifactPolicy:
     needs_lineage = True        # judges on every tier a row ran: rows carry their earlier runs
 
     def __init__(self, spec: JobSpec):
-        from cascade.artifact import load_policy
+        from cascade.artifact import load_policy    # torch: only a calibrated policy loads it
 
         self.policy = load_policy(spec.policy.artifact)
         self.label = spec.policy.point
         self.n = self.policy.n_tiers
 
     def _observations(self, rows: list[dict], state: tuple[int, ...]):
-        from cascade.features import Observations
+        from cascade.features import Observations    # scikit-learn: as load_policy
 
         schema = self.policy.schema
         prompts = [r.get("prompt") or _chat_text(r.get("messages")) for r in rows]
@@ -79,8 +80,6 @@ class ArtifactPolicy:
         return [int(a) if a >= 0 else 0 for a in action]
 
     def decide(self, tier: int, rows, current: dict):
-        from jobs.units import lineage
-
         rows = rows.to_pylist()
         n = len(rows)
         for i, r in enumerate(rows):      # this tier's answer joins the lineage it is judged on

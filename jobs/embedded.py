@@ -1,6 +1,4 @@
-"""Where units run.
-
-Embedded (`cascade run`): an in-process executor that runs units through the same task code
+"""The embedded executor (`cascade run`): an in-process executor that runs units through the same task code
 as the Celery workers (`run_units`, of which `run_unit` is the one-unit case), lowest tier first,
 so escalated rows coalesce into full batches and each model loads once. It takes up to BATCH
 queued units of a tier at a time: each unit is still its own engine call, attempt and commit,
@@ -9,9 +7,8 @@ directory holds the truth as for any job, so `cascade resume` finishes a run tha
 No broker, no server, no polling: on one machine a broker would only add serialization and
 latency. Its writes to the job directory go through a background writer (jobs.storage.
 WriteBehind: synced before visible, in order, read-your-writes), so units compute while the
-disk syncs.
-
-Cluster (`cascade submit` + `cascade worker`): one Celery task per unit on the queue of its tier.
+disk syncs. (On a cluster, `cascade submit` + `cascade worker`, one Celery task runs per unit on
+the queue of its tier: workers/celery_app.py.)
 """
 
 from __future__ import annotations
@@ -20,8 +17,12 @@ import heapq
 import logging
 import time
 
-from jobs import control, job as jobmod, recovery
+from jobs import control, recovery
+from jobs.job import Job, open_job
+from jobs.progress import live_status
+from jobs.state import MemoryState
 from jobs.storage import write_behind
+from jobs.submit import submit
 from jobs.units import run_units
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class LocalExecutor:
         self.count = 0
         self.engine_factory = engine_factory
         self.progress = progress
-        self.state = recovery.embedded_state()
+        self.state = embedded_state()
         self.timings: list[dict] = []
 
     def dispatch(self, job_dir: str, units: list[dict]):
@@ -63,19 +64,24 @@ class LocalExecutor:
                     self.timings.append({"unit": u, "tier": tier, "state": verdict,
                                          "seconds": spent * r / max(sum(rows), 1)})
                 if self.progress:
-                    self.progress(control.live_status(jobmod.open_job(job_dir), self.state))
+                    self.progress(live_status(open_job(job_dir), self.state))
             due = self.state.next_due()
             if due is None or not self.state.exists():
                 return
             time.sleep(max(0.0, due - time.time()))
             job_dir = self.state.job()["job_dir"]
-            recovery.reconcile(jobmod.open_job(job_dir), self.state, self.dispatch)
+            recovery.reconcile(open_job(job_dir), self.state, self.dispatch)
 
 
-def run_embedded(spec, *, engine_factory=None, progress=None, overwrite=False) -> jobmod.Job:
+def embedded_state() -> MemoryState:
+    """The embedded executor's store: one process, so no lease can expire under it."""
+    return MemoryState(lease=float("inf"))
+
+
+def run_embedded(spec, *, engine_factory=None, progress=None, overwrite=False) -> Job:
     ex = LocalExecutor(engine_factory, progress)
     with write_behind(spec.output):
-        job = jobmod.submit(spec, broker=None, state=ex.state, dispatch=ex.dispatch,
+        job = submit(spec, broker=None, state=ex.state, dispatch=ex.dispatch,
                             overwrite=overwrite)
         ex.drain()
     return job

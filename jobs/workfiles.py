@@ -1,4 +1,4 @@
-"""Writing the input of a cut unit: the rows its sources escalated to its tier, gathered into
+"""Work files: the input of a cut unit, the rows its sources escalated to its tier gathered into
 one file. The cut itself (which sources, how many rows) is decided atomically in the state
 store (jobs/state.py); this is the Parquet-free, lock-free I/O that follows it.
 
@@ -12,13 +12,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.inputs import LINEAGE_NAME
+from jobs.layout import LINEAGE_NAME, source_file
 
 
 def materialize(job, unit: dict, state) -> bool:
     """Write a cut unit's input file (idempotent). Returns False if the cut is stale."""
-    from jobs.job import source_file
-
     store = job.store
     if store.exists(unit["file"]):
         return True
