@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -121,15 +122,18 @@ def status_bars(console):
         console=console, expand=True)
 
 
-def _load(spec_path, output=None, engine=None):
+def _load(spec_path, output=None, engine=None, date=None):
     from jobs.spec import load_spec
 
     overrides = {k: v for k, v in (("output", output), ("engine", engine)) if v}
-    return load_spec(spec_path, overrides=overrides or None)
+    return load_spec(spec_path, overrides=overrides or None, date=date and date.date())
 
 
 ENGINE_OPTION = click.option("--engine", default=None,
                              help="Run every tier on this engine (e.g. vllm), whatever the spec says.")
+DATE_OPTION = click.option("--date", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+                           help="The run's date, YYYY-MM-DD (default: today): fills {date} in the "
+                                "spec's input and output, and orders `report --history`.")
 
 
 @click.command()
@@ -138,7 +142,8 @@ ENGINE_OPTION = click.option("--engine", default=None,
 @click.option("--overwrite", is_flag=True, help="Replace an existing job in the output directory.")
 @click.option("--quiet", is_flag=True)
 @ENGINE_OPTION
-def run(spec_path, output, overwrite, quiet, engine):
+@DATE_OPTION
+def run(spec_path, output, overwrite, quiet, engine, date):
     """Run a job on this machine, no server needed (embedded executor), then print its report.
 
     Example: cascade run examples/demo/job.yaml
@@ -150,7 +155,7 @@ def run(spec_path, output, overwrite, quiet, engine):
     t0 = time.perf_counter()
     view = None if quiet else StatusView(stderr=True)
     try:
-        spec = _load(spec_path, output, engine)
+        spec = _load(spec_path, output, engine, date)
         job = run_embedded(spec, progress=view and view.update, overwrite=overwrite)
     except USER_ERRORS as exc:
         if view:
@@ -169,7 +174,8 @@ def run(spec_path, output, overwrite, quiet, engine):
 @click.option("--output", default=None, help="Override the spec's output directory.")
 @click.option("--overwrite", is_flag=True)
 @ENGINE_OPTION
-def submit(spec_path, broker, output, overwrite, engine):
+@DATE_OPTION
+def submit(spec_path, broker, output, overwrite, engine, date):
     """Validate and shard a job, and enqueue its first units on the tier queues of a broker.
 
     Example: cascade submit job.yaml --broker redis://redis:6379/0
@@ -179,7 +185,7 @@ def submit(spec_path, broker, output, overwrite, engine):
     from workers.celery_app import celery_dispatcher
 
     try:
-        spec = _load(spec_path, output, engine)
+        spec = _load(spec_path, output, engine, date)
         brokers.check(broker, who="cascade submit")       # before anything is written
         job = submit_job(spec, broker=broker, dispatch=celery_dispatcher(broker), overwrite=overwrite)
     except USER_ERRORS as exc:
@@ -302,25 +308,32 @@ def cancel(job_dir, broker):
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write report.md, report.html, PNG plots and summary.json here.")
 @click.option("--history", is_flag=True,
-              help="JOB is a directory of job directories: trends across runs and drift tests.")
-def report(job_dir, out_dir, history):
+              help="JOB is a directory with job directories below it, at any depth: trends across "
+                   "runs by date, policy versions, and drift tests.")
+@click.option("--fail-on-drift", is_flag=True,
+              help="With --history: exit with status 1 when a drift test is flagged (after "
+                   "printing a short summary; with --out also written to drift.txt).")
+def report(job_dir, out_dir, history, fail_on_drift):
     """Report on a job (the DuckDB queries in sql/), or on a history of nightly jobs.
 
     \b
     Examples:
       cascade report runs/demo --out runs/demo/report
-      cascade report --history runs/nightly --out runs/nightly/trends
+      cascade report --history runs/nightly --out runs/nightly/trends --fail-on-drift
     """
     from jobs import report as rep
 
     try:
         if history:                       # each report is built once, then printed and saved
             doc, summary = rep.history(job_dir)
+            said = rep.drift_summary(summary)
             if out_dir:
                 rep.save(doc, summary, out_dir, stem="history")
+                Path(out_dir, "drift.txt").write_text(said + "\n")
             click.echo(doc.markdown())
-            if summary["drift"]:
-                click.echo(f"DRIFT: {len(summary['drift'])} test(s) flagged", err=True)
+            click.echo(said, err=bool(summary["drift"]))
+            if summary["drift"] and fail_on_drift:
+                sys.exit(1)
             return
         doc, summary = rep.build(job_dir)
         if out_dir:

@@ -8,8 +8,10 @@ here and from the plain duckdb CLI:  duckdb -cmd "SET VARIABLE job = 'runs/demo'
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 from pathlib import Path
 
 import duckdb
@@ -290,8 +292,32 @@ def calibration_shares(meta: dict) -> tuple[list[float], int] | None:
 
 
 def job_dirs(root: str) -> list[Path]:
-    found = [p.parent for p in Path(root).glob("*/job.json") if list(p.parent.glob("results/*.parquet"))]
-    return sorted(found, key=lambda d: json.loads((d / "job.json").read_text()).get("created", 0))
+    """Every finished job directory (job.json and results/) below `root`, at any depth, oldest
+    run first: by the run's date (`--date`; else the day it was created), then its creation. The
+    walk does not descend into a job directory (its unit files may be millions)."""
+    found = []
+    for here, subdirs, files in os.walk(root):
+        if "job.json" in files:
+            subdirs.clear()
+            d = Path(here)
+            if list(d.glob("results/*.parquet")):
+                found.append(d)
+        subdirs.sort()
+    return sorted(found, key=lambda d: _run_order(json.loads((d / "job.json").read_text())))
+
+
+def _run_order(meta: dict) -> tuple[str, float]:
+    return run_day(meta), meta.get("created", 0)
+
+
+def run_day(meta: dict) -> str:
+    """A run's date: its spec's (`--date`), else the day its job was created (UTC)."""
+    day = (meta.get("spec") or {}).get("date")
+    if day:
+        return day
+    created = meta.get("created")
+    return (datetime.datetime.fromtimestamp(created, datetime.timezone.utc).date().isoformat()
+            if isinstance(created, (int, float)) and created > 1e9 else "")
 
 
 def history_figures(dirs: list[Path]) -> list[list[dict]]:
@@ -334,7 +360,8 @@ def _run_figures(d: Path, rows: list[dict]) -> dict:
              for t, r in by_tier.items() if r["audited"]}
     calib = {t: {"n": r["cal_n"], "observed": float(r["cal_observed"]), "predicted": float(r["cal_predicted"]),
                  "var": float(r["cal_var"])} for t, r in by_tier.items() if r["cal_n"]}
-    return {"job": d.name, "created": meta.get("created"), "summary": summary, "funnel": funnel,
+    return {"job": d.name, "date": run_day(meta), "policy": meta.get("policy_version"),
+            "created": meta.get("created"), "summary": summary, "funnel": funnel,
             "audit": audit, "calibration": calib, "predicted_shares": calibration_shares(meta)}
 
 
@@ -353,25 +380,28 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
     rows = []
     for r in runs:
         s = r["summary"]
-        rows.append([r["job"], s["rows"], s["cost_total"], s["cost_per_row"], s["errors"] / max(s["rows"], 1),
-                     s["quality"]] + [t["share"] for t in s["tiers"]]
+        rows.append([r["date"], r["job"], r["policy"], s["rows"], s["cost_total"], s["cost_per_row"],
+                     s["errors"] / max(s["rows"], 1), s["quality"]] + [t["share"] for t in s["tiers"]]
                     + [(r["funnel"].get(i, {}).get("escalation_rate")) for i in range(len(names))])
-    cols = (["job", "rows", "cost", "cost_per_row", "error_rate", "quality"]
+    cols = (["date", "job", "policy", "rows", "cost", "cost_per_row", "error_rate", "quality"]
             + [f"share {n}" for n in names] + [f"escalation {n}" for n in names])
     doc.h2("Runs")
     doc.table(cols, rows)
-    x = list(range(len(runs)))
+    changes = [f"{b['date']} ({b['job']}): {a['policy']} -> {b['policy']}"
+               for a, b in zip(runs, runs[1:]) if a["policy"] != b["policy"]]
+    doc.p("Policy changes: " + ("; ".join(changes) if changes else "none across these runs") + ".")
+    x = _axis(runs)
     doc.image("history_cost.png", lines_png(x, {"cost per row": [r["summary"]["cost_per_row"] for r in runs]},
-                                            "Cost per row by run", "run (oldest first)", "cost per row"),
+                                            "Cost per row by run", "run date", "cost per row"),
               "Cost per row across runs")
     doc.image("history_shares.png", lines_png(
         x, {n: [r["summary"]["tiers"][i]["share"] if i < len(r["summary"]["tiers"]) else None
                 for r in runs] for i, n in enumerate(names)},
-        "Share of rows answered per tier", "run (oldest first)", "share"), "Selection shares across runs")
+        "Share of rows answered per tier", "run date", "share"), "Selection shares across runs")
     doc.image("history_escalation.png", lines_png(
         x, {n: [r["funnel"].get(i, {}).get("escalation_rate") for r in runs] for i, n in enumerate(names[:-1])}
         | {"error rate": [r["summary"]["errors"] / max(r["summary"]["rows"], 1) for r in runs]},
-        "Escalation and error rates", "run (oldest first)", "rate"), "Escalation and error rates across runs")
+        "Escalation and error rates", "run date", "rate"), "Escalation and error rates across runs")
 
     tests = []
     last = runs[-1]
@@ -427,11 +457,37 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
           f"p-values Bonferroni-corrected across the {m} tests; drift flagged at p < {alpha}.")
     doc.table(["test", "tier", "latest", "baseline", "z", "p_bonferroni", "drift"], table,
               empty="needs at least two runs")
-    summary = {"runs": [{"job": r["job"], **{k: r["summary"][k] for k in
+    summary = {"runs": [{"job": r["job"], "date": r["date"], "policy": r["policy"],
+                         **{k: r["summary"][k] for k in
                                              ("rows", "cost_total", "cost_per_row", "quality", "errors")},
                          "shares": {t["name"]: t["share"] for t in r["summary"]["tiers"]}} for r in runs],
                "drift": flagged, "tests": len(tests)}
     return doc, summary
+
+
+def _axis(runs: list[dict]) -> list[str]:
+    """The runs' dates as plot labels, oldest first; a second run on one date gets #2."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in runs:
+        day = r["date"] or "?"
+        seen[day] = seen.get(day, 0) + 1
+        out.append(day if seen[day] == 1 else f"{day} #{seen[day]}")
+    return out
+
+
+def drift_summary(summary: dict) -> str:
+    """A few lines a cron mail or a CI step can show: what drifted in the latest run."""
+    last = summary["runs"][-1]
+    if not summary["drift"]:
+        return (f"no drift: {last['date']} ({last['job']}) against {len(summary['runs']) - 1} "
+                f"earlier run(s), {summary['tests']} tests")
+    lines = [f"DRIFT in {last['date']} ({last['job']}): {len(summary['drift'])} of "
+             f"{summary['tests']} tests flagged"]
+    for f in summary["drift"]:
+        lines.append(f"  {f['test']}, tier {f['tier']}: {fmt(f['latest'])} vs {fmt(f['baseline'])} "
+                     f"before (z {fmt(f['z'])}, p {f['p_bonferroni']:.2g} Bonferroni)")
+    return "\n".join(lines)
 
 
 def replay_logs(job_dir: str):

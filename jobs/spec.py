@@ -3,9 +3,11 @@ names the field it is about."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -84,6 +86,7 @@ class JobSpec:
     max_attempts: int = 3                 # engine attempts per unit before its rows become errors
     choices: list[str] | None = None      # the valid answers (a row's `choices` column overrides)
     base_dir: str = "."                   # relative paths in the spec resolve against this
+    date: str | None = None               # the run's date (YYYY-MM-DD): fills {date}; orders history
 
     @property
     def coalesce_rows(self) -> int:
@@ -309,11 +312,40 @@ def _resolve(path: str, base: Path) -> str:
     return str((base / path).resolve())
 
 
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def run_date(date: str | datetime.date | None) -> str:
+    """A run's date as YYYY-MM-DD (default: today, local time)."""
+    if date is None:
+        return datetime.date.today().isoformat()
+    if isinstance(date, datetime.date):
+        return date.isoformat()
+    try:
+        return datetime.date.fromisoformat(date).isoformat()
+    except ValueError:
+        raise SpecError(f"date: must be YYYY-MM-DD, got {date!r}") from None
+
+
+def fill(field: str, value: str, date: str, run: str) -> str:
+    """A path with its placeholders filled: {date} (the run's date) and {run} (unique per run:
+    the moment it was started and a random suffix)."""
+    def one(m):
+        if m.group(1) not in ("date", "run"):
+            raise SpecError(f"{field}: unknown placeholder {{{m.group(1)}}} in {value!r}; use "
+                            f"{{date}} (the run's date, --date) or {{run}} (unique per run)")
+        return date if m.group(1) == "date" else run
+    return PLACEHOLDER.sub(one, value)
+
+
 def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
-               overrides: dict | None = None) -> JobSpec:
+               overrides: dict | None = None, date: str | datetime.date | None = None) -> JobSpec:
     """Validate a parsed YAML mapping into a JobSpec. Relative paths resolve against base_dir
-    (the working directory of the command, like the paths given on its command line)."""
+    (the working directory of the command, like the paths given on its command line); {date}
+    and {run} in `input` and `output` are filled for a run on `date` (default today)."""
     base = Path(base_dir).resolve()
+    day = run_date(date)
+    run = f"{datetime.datetime.now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: must be a mapping, got {type(raw).__name__}")
     overrides = dict(overrides or {})
@@ -325,7 +357,7 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
         spec = RawJob.model_validate(raw)
     except ValidationError as exc:
         raise _spec_error(exc, raw, where) from None
-    name = spec.name or Path(spec.input).stem
+    name = spec.name or Path(fill("input", spec.input, day, run)).stem
     if not _NAME.match(name):
         raise SpecError(f"name: must be letters, digits, '_', '.', '-', got {name!r}")
 
@@ -372,14 +404,16 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
             th = [float(r.threshold)] * (len(tiers) - 1)
         policy = PolicySpec(feature=r.feature, thresholds=th)
 
-    return JobSpec(name=name, input=_resolve(spec.input, base),
-                   output=_resolve(spec.output or f"runs/{name}", base), tiers=tiers, policy=policy,
+    return JobSpec(name=name, input=_resolve(fill("input", spec.input, day, run), base),
+                   output=_resolve(fill("output", spec.output or f"runs/{name}", day, run), base),
+                   tiers=tiers, policy=policy,
                    shard_rows=spec.shard_rows, batch_rows=spec.batch_rows,
                    audit_share=float(spec.audit_share), max_attempts=spec.max_attempts,
-                   base_dir=str(base), choices=spec.choices)
+                   base_dir=str(base), choices=spec.choices, date=day)
 
 
-def load_spec(path: str | Path, *, overrides: dict | None = None) -> JobSpec:
+def load_spec(path: str | Path, *, overrides: dict | None = None,
+              date: str | datetime.date | None = None) -> JobSpec:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -387,4 +421,4 @@ def load_spec(path: str | Path, *, overrides: dict | None = None) -> JobSpec:
         raise SpecError(f"{path}: no such job spec") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
-    return parse_spec(raw, where=str(path), base_dir=Path.cwd(), overrides=overrides)
+    return parse_spec(raw, where=str(path), base_dir=Path.cwd(), overrides=overrides, date=date)

@@ -206,6 +206,25 @@ def test_yaml_spec_loads(tmp_path, monkeypatch):
         load_spec(tmp_path / "bad.yaml")
 
 
+def test_dated_runs_fill_date_and_run_placeholders(tmp_path):
+    """{date} comes from --date (default today) and {run} is unique per run; an unknown
+    placeholder or a malformed date names the field; the date is recorded for history."""
+    import datetime
+
+    inp = write_input(tmp_path / "in.parquet", 3)
+    spec = make_spec(tmp_path, inp, output=str(tmp_path / "nightly" / "{date}"))
+    assert spec.output == str(tmp_path / "nightly" / datetime.date.today().isoformat())
+    raw = {"name": "t", "input": str(inp), "output": str(tmp_path / "n" / "{date}" / "{run}"),
+           "tiers": TIERS, "policy": {"rule": {"threshold": -0.5}}}
+    a, b = parse_spec(raw, date="2026-12-01"), parse_spec(raw, date="2026-12-01")
+    assert a.date == "2026-12-01" and Path(a.output).parent == tmp_path / "n" / "2026-12-01"
+    assert a.output != b.output                                   # {run}: one directory per run
+    with pytest.raises(SpecError, match=r"^output: unknown placeholder \{night\}"):
+        parse_spec({**raw, "output": "runs/{night}"})
+    with pytest.raises(SpecError, match="^date: must be YYYY-MM-DD, got '12/01/2026'"):
+        parse_spec(raw, date="12/01/2026")
+
+
 def test_a_unit_run_twice_leaves_one_result_and_enqueues_once(tmp_path):
     import copy
 

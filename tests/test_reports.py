@@ -174,6 +174,8 @@ def test_history_flags_a_share_drift_and_not_a_stable_run(tmp_path):
     stable, _ = report.history(str(root))
     doc, summary = report.history(str(root))
     assert summary["drift"] == [] and summary["tests"] >= 3
+    calm = CliRunner().invoke(main, ["report", "--history", str(root), "--fail-on-drift"])
+    assert calm.exit_code == 0 and "no drift" in calm.output
     d = write_job(root / "night3", fixture_rows(20, 70))          # far more escalation
     (d / "job.json").write_text(json.dumps(job_meta(3)))
     doc, summary = report.history(str(root))
@@ -184,6 +186,30 @@ def test_history_flags_a_share_drift_and_not_a_stable_run(tmp_path):
     assert res.exit_code == 0 and "DRIFT" in res.output
     assert png_size(out / "history_shares.png") == (640, 400)
     assert len(json.loads((out / "history.json").read_text())["runs"]) == 4
+    failed = CliRunner().invoke(main, ["report", "--history", str(root), "--fail-on-drift", "--out", str(out)])
+    assert failed.exit_code == 1
+    said = (out / "drift.txt").read_text()
+    assert said.startswith("DRIFT in") and "share, tier small" in said and "escalation rate, tier small" in said
+
+
+def test_history_finds_runs_at_any_depth_ordered_by_date_with_their_policy(tmp_path):
+    """Runs under ROOT/<month>/<date>/ (any depth), created out of date order, come out ordered
+    by their --date; each shows the policy version it ran, and a change of policy is named."""
+    root = tmp_path / "nightly"
+    dates = ["2026-12-03", "2026-12-01", "2026-12-02"]
+    for k, day in enumerate(dates):
+        d = write_job(root / day[:7] / day, fixture_rows(60, 30))
+        meta = job_meta(k, {"date": day})
+        meta["policy_version"] = "rule:aaa" if day < "2026-12-03" else "artifact:bbb:p1"
+        (d / "job.json").write_text(json.dumps(meta))
+    # a job directory's own subdirectories are never searched (its unit files may be millions)
+    nested = write_job(root / "2026-12" / "2026-12-01" / "tiers" / "stray", fixture_rows(60, 30))
+    (nested / "job.json").write_text(json.dumps(job_meta(9, {"date": "2026-11-30"})))
+    doc, summary = report.history(str(root))
+    assert [r["date"] for r in summary["runs"]] == sorted(dates)
+    assert [r["policy"] for r in summary["runs"]] == ["rule:aaa", "rule:aaa", "artifact:bbb:p1"]
+    md = doc.markdown()
+    assert "Policy changes: 2026-12-03 (2026-12-03): rule:aaa -> artifact:bbb:p1" in md
 
 
 def test_report_of_a_missing_job_is_a_clear_error(tmp_path):
