@@ -86,8 +86,11 @@ class _Part:
 
         # What follows from the runs. A row's last run is the tier it stopped on.
         last = pa.array(offsets[1:] - 1)
+        reused = values.field("reused").fill_null(False).to_numpy(zero_copy_only=False)
         cost = values.field("cost").to_numpy(zero_copy_only=False)
-        seconds = values.field("seconds").to_numpy(zero_copy_only=False)
+        seconds = np.where(reused, 0.0, values.field("seconds").to_numpy(zero_copy_only=False))
+        saved = np.where(reused, cost, 0.0)
+        cost = np.where(reused, 0.0, cost)
         kept = final.column("kept_tier").to_numpy(zero_copy_only=False)  # float, NaN: none
         run_tier = values.field("tier").to_numpy(zero_copy_only=False)
         answer = offsets[1:] - 1
@@ -100,6 +103,7 @@ class _Part:
         source = inputs.files(start, end)
         self.final = final.append_column("_cost", pa.array(np.add.reduceat(cost, offsets[:-1]))) \
             .append_column("_seconds", pa.array(np.add.reduceat(seconds, offsets[:-1]))) \
+            .append_column("_saved", pa.array(np.add.reduceat(saved, offsets[:-1]))) \
             .append_column("_response", response) \
             .append_column("_status", values.field("status").take(last)) \
             .append_column("_error", values.field("error").take(last)) \

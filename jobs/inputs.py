@@ -28,7 +28,8 @@ from jobs.layout import LINEAGE_NAME
 
 RESERVED = {"response", "final_tier", "final_tier_name", "tiers_run", "tiers", "status", "error",
             "cost", "seconds", "policy_version", "job_id", "trace", "next_tier", "kept_tier",
-            "source_file", "audit", "_row", "_cost", "_seconds", "_response", "_status", "_error"}
+            "source_file", "audit", "_row", "_cost", "_seconds", "_response", "_status", "_error",
+            "saved_cost", "_saved"}
 
 
 class InputError(CascadeError):

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 # The layout of a job directory's unit files. A directory of another layout (written by another
 # version of cascade) is refused with a clear error rather than misread.
-LAYOUT = 3
+LAYOUT = 4
 
 # One tier's run of a row: kept in a unit's result as the column _t<tier>; finalize gathers a
 # row's runs from every tier into the output's `tiers` list.
@@ -39,6 +39,9 @@ TIER_STRUCT = pa.struct([
     ("min_logprob", pa.float64()), ("p_quality", pa.float64()), ("decision", pa.string()),
     ("audit", pa.bool_()), ("seconds", pa.float64()), ("cost", pa.float64()),
     ("choice_prob", pa.float64()), ("choice_margin", pa.float64()),
+    # taken from the answer store (jobs/answers.py), not computed: the run's cost and seconds are
+    # what it cost when it was computed; this job paid neither
+    ("reused", pa.bool_()),
 ])
 FEATURES = ("first_logprob", "mean_logprob", "min_logprob", "sum_logprob")
 CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered without choices

@@ -74,6 +74,15 @@ class PolicySpec:
 
 
 @dataclass
+class AnswersSpec:
+    """A store of answers shared by runs (jobs/answers.py): a tier's answer to a row is looked up
+    by content and not computed again."""
+    path: str
+    reuse_sampled: bool = False           # also reuse answers sampled at temperature > 0
+    keep_days: float | None = None        # answers older than this are neither reused nor kept
+
+
+@dataclass
 class JobSpec:
     name: str
     input: str
@@ -87,6 +96,7 @@ class JobSpec:
     choices: list[str] | None = None      # the valid answers (a row's `choices` column overrides)
     base_dir: str = "."                   # relative paths in the spec resolve against this
     date: str | None = None               # the run's date (YYYY-MM-DD): fills {date}; orders history
+    answers: AnswersSpec | None = None    # the answer store this job reuses and adds to
 
     @property
     def coalesce_rows(self) -> int:
@@ -101,6 +111,8 @@ class JobSpec:
         d["tiers"] = [TierSpec(**{**t, "sampling": Sampling(**t["sampling"]), "cost": Cost(**t["cost"])})
                       for t in d["tiers"]]
         d["policy"] = PolicySpec(**d["policy"])
+        if d.get("answers"):
+            d["answers"] = AnswersSpec(**d["answers"])
         return cls(**d)
 
 
@@ -204,6 +216,12 @@ class RawPolicy(_Raw):
         return self
 
 
+class RawAnswers(_Raw):
+    path: Annotated[str, Field(strict=True, min_length=1)]
+    reuse_sampled: bool = False
+    keep_days: Annotated[float, Field(gt=0)] | None = None
+
+
 class RawJob(_Raw):
     name: Name | None = None
     input: Annotated[str, Field(strict=True, min_length=1)]
@@ -215,6 +233,7 @@ class RawJob(_Raw):
     max_attempts: PosInt = 3
     audit_share: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
     choices: list[str] | None = None
+    answers: Annotated[str, Field(strict=True, min_length=1)] | RawAnswers | None = None
 
     _valid_choices = field_validator("choices")(classmethod(lambda cls, v: _choices(v)))
 
@@ -298,7 +317,7 @@ def _model_at(loc) -> type[BaseModel]:
         if isinstance(part, int):
             continue
         ann = model.model_fields[part].annotation
-        for cand in (RawTier, RawSampling, RawCost, RawPolicy, RawRule):
+        for cand in (RawTier, RawSampling, RawCost, RawPolicy, RawRule, RawAnswers):
             if cand is ann or cand in getattr(ann, "__args__", ()) or any(
                     cand in getattr(a, "__args__", ()) for a in getattr(ann, "__args__", ())):
                 model = cand
@@ -404,12 +423,17 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
             th = [float(r.threshold)] * (len(tiers) - 1)
         policy = PolicySpec(feature=r.feature, thresholds=th)
 
+    answers = None
+    if spec.answers is not None:
+        a = spec.answers if isinstance(spec.answers, RawAnswers) else RawAnswers(path=spec.answers)
+        answers = AnswersSpec(_resolve(fill("answers", a.path, day, run), base), a.reuse_sampled,
+                              a.keep_days)
     return JobSpec(name=name, input=_resolve(fill("input", spec.input, day, run), base),
                    output=_resolve(fill("output", spec.output or f"runs/{name}", day, run), base),
                    tiers=tiers, policy=policy,
                    shard_rows=spec.shard_rows, batch_rows=spec.batch_rows,
                    audit_share=float(spec.audit_share), max_attempts=spec.max_attempts,
-                   base_dir=str(base), choices=spec.choices, date=day)
+                   base_dir=str(base), choices=spec.choices, date=day, answers=answers)
 
 
 def load_spec(path: str | Path, *, overrides: dict | None = None,

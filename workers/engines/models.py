@@ -48,6 +48,29 @@ def package_gguf(name: str) -> Path:
     return Path(mod.assemble(cache_root() / "gguf" / mod.MODEL_NAME))
 
 
+def identity(model: str) -> str:
+    """What names a model's weights, cheaply (no hashing of gigabytes): a packaged model's
+    package and version; a local file's or directory's files with their sizes and modification
+    times; anything else (a name an engine resolves itself) as it is."""
+    if model.startswith("package:"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        name = model.split(":", 1)[1]
+        try:
+            return f"{name}=={version(name)}"
+        except PackageNotFoundError:
+            return model
+    path = Path(model)
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return f"{path.resolve()}:" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                               for p in files)
+    return model
+
+
 def resolve(model: str) -> tuple[str, Path]:
     """('gguf', file) or ('hf', directory) for a tier's model field."""
     if model.startswith("package:"):
