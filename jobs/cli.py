@@ -385,7 +385,53 @@ def export(job_dir, fmt, out_path):
     click.echo(f"wrote {rows} rows ({fmt}) to {out_path}")
 
 
-for command in (run, submit, worker, status, resume, cancel, report, logs, export,
+@click.command()
+@click.argument("root", metavar="ROOT", type=click.Path(file_okay=False, exists=True))
+@click.option("--keep-days", type=click.FloatRange(min=0), required=True,
+              help="Remove job directories that finished more than this many days ago.")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
+def gc(root, keep_days, dry_run):
+    """Retention for a root of job directories: remove finished jobs' unit files (routed/,
+    work/, tiers/; results/, job.json and finished.json stay), and whole job directories that
+    finished more than --keep-days ago. Unfinished jobs are never touched.
+
+    Example: cascade gc /jobs/runs --keep-days 30 --dry-run
+    """
+    from jobs.retention import gc as collect
+
+    out = collect(root, keep_days, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for d in out["jobs_removed"]:
+        click.echo(f"{verb} job {d}")
+    for d in out["unit_files_removed"]:
+        click.echo(f"{verb} unit files {d}")
+    click.echo(f"{verb} {len(out['jobs_removed'])} job(s) and the unit files of "
+               f"{len(out['unit_files_removed'])} director(ies): {out['bytes'] / 2**20:.1f} MiB")
+
+
+@click.command()
+@click.argument("path", metavar="ANSWERS")
+@click.option("--keep-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also drop answers older than this many days.")
+@click.option("--dry-run", is_flag=True, help="Count what compaction would keep; change nothing.")
+def compact(path, keep_days, dry_run):
+    """Compact an answer store (a spec's `answers:`): one segment per tier, no duplicate
+    answers, none older than --keep-days. Safe while jobs read and add to it.
+
+    Example: cascade compact /jobs/answers --keep-days 90
+    """
+    from jobs.answers import compact as merge
+
+    try:
+        out = merge(path, keep_days, dry_run=dry_run)
+    except (OSError, ValueError) as exc:
+        fail(exc)
+    click.echo(f"{'would keep' if dry_run else 'kept'} {out['answers_after']} of "
+               f"{out['answers_before']} answers of {out['tiers']} tier(s) "
+               f"({out['segments_before']} segments before)")
+
+
+for command in (run, submit, worker, status, resume, cancel, report, logs, export, gc, compact,
                 calibrate, replay, evaluate_cmd):
     main.add_command(command)
 

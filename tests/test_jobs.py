@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import json
 import random
+import os
 import time
 from pathlib import Path
 
@@ -1056,3 +1057,34 @@ def test_answer_store_compaction_and_retention(tmp_path):
     run_embedded(stale, engine_factory=scripted_factory(calls), overwrite=True)
     assert sum(n for _, n in calls) == first
     assert answers.compact(str(store), keep_days=0.5)["answers_after"] == first   # only the new ones
+
+
+def test_gc_keeps_results_and_unfinished_jobs(tmp_path):
+    """`cascade gc ROOT --keep-days N`: a job finished longer ago than N days goes whole; a newer
+    finished job loses its unit files and keeps results/, job.json and finished.json (its
+    report still works); an unfinished job is untouched; --dry-run removes nothing."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    inp = write_input(tmp_path / "in.parquet", 20)
+    root = tmp_path / "runs"
+    old = run_embedded(make_spec(tmp_path, inp, output=str(root / "2026-10-01")), engine_factory=scripted_factory())
+    new = run_embedded(make_spec(tmp_path, inp, output=str(root / "2026-12-01")), engine_factory=scripted_factory())
+    ex = LocalExecutor(scripted_factory())
+    running = submit(make_spec(tmp_path, inp, output=str(root / "deep" / "running")), state=ex.state,
+                     dispatch=ex.dispatch)                      # submitted, never run
+    long_ago = time.time() - 60 * 86400
+    os.utime(Path(old.dir) / "finished.json", (long_ago, long_ago))
+    before = sorted(str(p) for p in root.rglob("*"))
+    dry = CliRunner().invoke(main, ["gc", str(root), "--keep-days", "30", "--dry-run"])
+    assert dry.exit_code == 0 and f"would remove job {old.dir}" in dry.output
+    assert sorted(str(p) for p in root.rglob("*")) == before
+    res = CliRunner().invoke(main, ["gc", str(root), "--keep-days", "30"])
+    assert res.exit_code == 0, res.output
+    assert not Path(old.dir).exists()
+    kept = sorted(p.name for p in Path(new.dir).iterdir())
+    assert kept == ["finished.json", "job.json", "results", "submitted.json"]
+    assert results(new.dir).height == 20
+    assert CliRunner().invoke(main, ["report", new.dir]).exit_code == 0
+    assert (Path(running.dir) / "routed").exists() and not (Path(running.dir) / "finished.json").exists()

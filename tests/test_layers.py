@@ -37,7 +37,7 @@ LAYERS = [
     # inputs, the policy adapters, the job model, its progress as status shows it
     ["jobs.inputs", "jobs.policies", "jobs.job", "jobs.progress"],
     # work files, the answer store, finalize, and the reports and exports of a finished job
-    ["jobs.workfiles", "jobs.answers", "jobs.finalize", "jobs.report", "jobs.export"],
+    ["jobs.workfiles", "jobs.answers", "jobs.finalize", "jobs.report", "jobs.export", "jobs.retention"],
     # the scheduling that follows a transition
     ["jobs.scheduling"],
     # submit, unit execution
@@ -320,8 +320,8 @@ def _commands(code: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-EVERY_COMMAND = sorted(["calibrate", "cancel", "eval", "export", "logs", "replay", "report",
-                        "resume", "run", "status", "submit", "worker"])
+EVERY_COMMAND = sorted(["calibrate", "cancel", "compact", "eval", "export", "gc", "logs", "replay",
+                        "report", "resume", "run", "status", "submit", "worker"])
 
 
 def test_cascade_help_lists_every_command_however_the_package_is_imported():
