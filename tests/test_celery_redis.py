@@ -613,3 +613,40 @@ def test_overwrite_retires_the_old_jobs_live_state(tmp_path, tier_names, monkeyp
     finally:
         control.cancel(new.dir)
         client.hdel(JOBS_KEY, new.id)
+
+
+@pytest.mark.usefixtures("main_redis")
+def test_nightly_beat_schedule_and_task_submit_a_dated_job(tmp_path, tier_names, monkeypatch):
+    """The scheduler service's beat entry comes from CASCADE_NIGHTLY_SPECS / CASCADE_NIGHTLY_AT;
+    its task submits the spec for the night's date (filling {date}), and a second call for the
+    same night submits nothing."""
+    import json as _json
+
+    from celery.schedules import crontab
+
+    from workers import celery_app
+
+    sched = celery_app.nightly_schedule({"CASCADE_NIGHTLY_SPECS": "/a.yaml, /b.yaml",
+                                         "CASCADE_NIGHTLY_AT": "03:15"})
+    assert sorted(sched) == ["nightly /a.yaml", "nightly /b.yaml"]
+    entry = sched["nightly /a.yaml"]
+    assert entry["schedule"] == crontab(hour=3, minute=15) and entry["args"] == ["/a.yaml"]
+    assert entry["options"]["queue"] == celery_app.SCHEDULE_QUEUE
+    with pytest.raises(ValueError, match="CASCADE_NIGHTLY_AT must be HH:MM"):
+        celery_app.nightly_schedule({"CASCADE_NIGHTLY_SPECS": "/a.yaml", "CASCADE_NIGHTLY_AT": "3pm"})
+
+    spec = make_spec(tmp_path, 20, tier_names)
+    raw = {"name": "nightly", "input": spec.input, "output": str(tmp_path / "nightly" / "{date}"),
+           "tiers": [{"name": t, "model": "scripted", "engine": "scripted"} for t in tier_names],
+           "policy": {"rule": {"threshold": -0.5}}}
+    (tmp_path / "nightly.yaml").write_text(_json.dumps(raw))
+    monkeypatch.setattr(celery_app.app.conf, "broker_url", MAIN_REDIS)
+    out = celery_app.submit_nightly.run(str(tmp_path / "nightly.yaml"), "2026-12-05")
+    try:
+        assert out == str(tmp_path / "nightly" / "2026-12-05")
+        job = Job(out)
+        assert job.submitted() and job.spec.date == "2026-12-05" and job.broker == MAIN_REDIS
+        assert celery_app.submit_nightly.run(str(tmp_path / "nightly.yaml"), "2026-12-05") == out
+        assert Job(out).id == job.id                     # the same night is not submitted twice
+    finally:
+        control.cancel(out)

@@ -13,18 +13,22 @@ any other path is refused and logged.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
 import sys
 
 from celery import Celery
+from celery.schedules import crontab
 
 from jobs import broker as brokers
 from jobs.job import Job, open_job
 from jobs.recovery import SEEN, ensure_state, known_jobs
 from jobs.roots import jobs_root, refusal, register
+from jobs.spec import load_spec
 from jobs.state import Registry, connect
+from jobs.submit import submit
 from jobs.units import run_unit
 from workers.reconciler import Reconciler
 
@@ -82,6 +86,45 @@ def run_unit_task(self, job_dir: str, unit_id: str, job_id: str | None = None):
     # than on the reconciler's next pass.
     return run_unit(job_dir, unit_id, dispatch=dispatch, worker=self.request.hostname, job_id=job_id,
                     rebuild=ensure_state)
+
+
+# Nightly runs (Celery beat): CASCADE_NIGHTLY_SPECS names job specs (comma-separated), submitted
+# every day at CASCADE_NIGHTLY_AT (HH:MM, UTC; default 02:00) with that day's --date, by the
+# compose `scheduler` service: `celery -A workers.celery_app worker --beat -Q cascade.schedule`.
+SCHEDULE_QUEUE = "cascade.schedule"
+
+
+def nightly_schedule(env=os.environ) -> dict:
+    """The beat schedule: one entry per spec in CASCADE_NIGHTLY_SPECS."""
+    specs = [s.strip() for s in env.get("CASCADE_NIGHTLY_SPECS", "").split(",") if s.strip()]
+    at = env.get("CASCADE_NIGHTLY_AT", "02:00")
+    try:
+        hour, minute = (int(x) for x in at.split(":"))
+    except ValueError:
+        raise ValueError(f"CASCADE_NIGHTLY_AT must be HH:MM, got {at!r}") from None
+    return {f"nightly {spec}": {"task": "cascade.submit_nightly", "args": [spec],
+                                "schedule": crontab(hour=hour, minute=minute),
+                                "options": {"queue": SCHEDULE_QUEUE}} for spec in specs}
+
+
+app.conf.beat_schedule = nightly_schedule()
+app.conf.timezone = "UTC"
+
+
+@app.task(name="cascade.submit_nightly")
+def submit_nightly(spec_path: str, date: str | None = None) -> str:
+    """Submit a spec for a night (default: today, UTC) on this app's broker; returns its job
+    directory. A night already submitted (its output exists) is not submitted again."""
+    day = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    spec = load_spec(spec_path, date=day)
+    broker = app.conf.broker_url
+    try:
+        job = submit(spec, broker=broker, dispatch=celery_dispatcher(broker))
+    except FileExistsError as exc:
+        log.warning("nightly %s for %s: %s", spec_path, day, exc)
+        return spec.output
+    log.info("nightly %s for %s: submitted %s", spec_path, day, job.dir)
+    return job.dir
 
 
 def send_units(job_dir: str, units: list[dict], client: Celery | None = None,
