@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/celery_bench.py
 	$(BIN)/python bench/fault_bench.py
 	$(BIN)/python bench/report_bench.py
+	$(BIN)/python bench/nightly_bench.py
 
 bench-long: install
 	$(BIN)/python bench/ladders_bench.py --online
