@@ -47,8 +47,11 @@ from workers.engines.base import Generations, get_engine
 
 log = logging.getLogger(__name__)
 
-def _audit(row_id: str, tier: int, share: float) -> bool:
-    return (zlib.crc32(f"{row_id}|{tier}".encode()) % 1_000_000) < share * 1_000_000
+def _audited(row_id: str, share: float) -> bool:
+    """Whether a row is audited: a fixed share of rows, by a hash of the row's id, so an audited
+    row is audited on every tier and runs them all (its outcome on every tier becomes known:
+    what `cascade logs` exports and a policy learns from)."""
+    return (zlib.crc32(f"{row_id}|audit".encode()) % 1_000_000) < share * 1_000_000
 
 
 def _prompts(table: pa.Table, engine, tier_name: str) -> tuple[list, list]:
@@ -366,8 +369,8 @@ def decide_units(job, tier: int, units: list[Answers]) -> list[Result]:
         if spec.audit_share > 0 and tier < len(spec.tiers) - 1:
             ids = table.column("id").to_pylist()
             for j, i in enumerate(ok):
-                if nxt[j] < 0 and _audit(ids[i], tier, spec.audit_share):
-                    nxt[j], audit[i] = tier + 1, True
+                if nxt[j] != tier + 1 and _audited(ids[i], spec.audit_share):
+                    nxt[j], audit[i] = tier + 1, True      # stopped or skipped: run the next tier
         next_tier[idx], kept[idx] = nxt, np.where(nxt < 0, keep, tier)
         if q is not None:
             p_quality[idx] = q

@@ -399,6 +399,7 @@ def test_audit_share_escalates_regardless(tmp_path):
     audited = pl.Series([any(t["audit"] for t in ts) for ts in out["tiers"].to_list()])
     assert 0.15 < audited.mean() < 0.35
     assert (out.filter(~audited)["tiers_run"].list.len() == 1).all()
+    assert (out.filter(audited)["tiers_run"].list.len() == 3).all()   # an audited row runs every tier
 
 
 def test_reports_match_an_independent_count(tmp_path):
