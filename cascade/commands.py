@@ -147,3 +147,21 @@ def evaluate_cmd(logs, out_dir, calibration_share, seed, online, max_t):
     path = write(result, out_dir)
     click.echo((path / "summary.md").read_text())
     click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.argument("registry", type=click.Path(file_okay=False, exists=True))
+@click.option("--to", "version", default=None, help="The version to make the champion (default: "
+              "the one promoted before the current champion; none: the safe default).")
+def rollback(registry, version):
+    """Make an earlier policy version the champion of a registry; the next night runs it.
+
+    Example: cascade rollback /jobs/policies/nightly --to v0003
+    """
+    from cascade.registry import Registry
+
+    try:
+        now = Registry(registry).rollback(version)
+    except ValueError as exc:
+        fail(exc)
+    click.echo(f"champion: {now or 'none (the safe default)'}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from cascade.commands import calibrate, evaluate_cmd, fail, replay
+from cascade.commands import calibrate, evaluate_cmd, fail, replay, rollback
 from cascade.errors import CascadeError
 from jobs.export import FORMATS
 
@@ -431,8 +431,47 @@ def compact(path, keep_days, dry_run):
                f"({out['segments_before']} segments before)")
 
 
+@click.command()
+@click.argument("job_dir", metavar="JOB")
+@click.option("--registry", required=True, type=click.Path(file_okay=False),
+              help="The policy registry (created on first use) the job's policy comes from.")
+@click.option("--lam", type=float, default=0.1, show_default=True,
+              help="For a new registry: quality per unit of cost (the best tier's mean cost = 1) "
+                   "that versions are judged by.")
+def learn(job_dir, registry, lam):
+    """After a night: add its fully-run rows (audits) to the registry's calibration pool, fit a
+    challenger, and promote it only if it beats the champion on held-out pool rows.
+
+    Example: cascade learn /jobs/runs/nightly/2026-12-01 --registry /jobs/policies/nightly
+    """
+    import json as _json
+
+    from cascade.registry import Objective, Registry
+    from jobs import report as rep
+
+    try:
+        rep.require_finished(job_dir)
+        meta = _json.loads(Path(job_dir, "job.json").read_text())
+        night = (meta.get("spec") or {}).get("date") or meta["job_id"]
+        try:
+            frame = rep.replay_logs(job_dir)
+        except ValueError as exc:            # no row ran every tier: the pool gets nothing
+            click.echo(f"no pool rows from {job_dir}: {exc}", err=True)
+            frame = None
+        if frame is not None and "quality" not in frame.columns:
+            fail(ValueError(f"{job_dir}: no `reference` column, so its rows' quality is unknown "
+                            f"and they cannot join the calibration pool"))
+        entry = Registry(registry, Objective(lam=lam)).learn(f"{night}-{meta['job_id']}", frame,
+                                                             log=lambda m: click.echo(m, err=True))
+    except USER_ERRORS as exc:
+        fail(exc)
+    verdict = (f"promoted {entry['version']}" if entry.get("promote") else
+               f"kept {entry.get('champion_after') or 'the safe default'}")
+    click.echo(f"{night}: {verdict}: {entry.get('reason')}")
+
+
 for command in (run, submit, worker, status, resume, cancel, report, logs, export, gc, compact,
-                calibrate, replay, evaluate_cmd):
+                learn, calibrate, replay, evaluate_cmd, rollback):
     main.add_command(command)
 
 

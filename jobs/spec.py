@@ -64,8 +64,13 @@ class PolicySpec:
     point: str | None = None              # artifact operating point label; default: its default
     feature: str = "mean_logprob"
     thresholds: list[float] = field(default_factory=list)   # one per tier except the last
+    registry: str | None = None           # the registry the policy came from (cascade/registry.py)
+    registry_version: str | None = None   # its champion then; None: the registry's safe default
 
     def version(self) -> str:
+        if self.registry:
+            inner = PolicySpec(self.artifact, self.point, self.feature, self.thresholds).version()
+            return f"registry:{self.registry_version or 'safe-default'}:{inner}"
         if self.artifact:
             meta = json.loads((Path(self.artifact) / "policy.json").read_text())
             return f"artifact:{meta.get('version', '?')}:{self.point or meta.get('default_point', '')}"
@@ -208,11 +213,15 @@ class RawPolicy(_Raw):
     artifact: Annotated[str, Field(strict=True, min_length=1)] | None = None
     point: str | None = None
     rule: RawRule | None = None
+    registry: Annotated[str, Field(strict=True, min_length=1)] | None = None
+    default: RawRule | None = None          # with registry: the rule of a night with no champion
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.artifact is None) == (self.rule is None):
-            raise ValueError("give exactly one of `artifact` or `rule`")
+        if sum(x is not None for x in (self.artifact, self.rule, self.registry)) != 1:
+            raise ValueError("give exactly one of `artifact`, `rule` or `registry`")
+        if self.default is not None and self.registry is None:
+            raise ValueError("`default` goes with `registry` (the rule of a night with no policy yet)")
         return self
 
 
@@ -394,6 +403,14 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
                               cost, t.device, t.dtype, t.context, dict(t.engine_args), t.choices))
 
     p = spec.policy
+    registry = registry_version = None
+    if p.registry is not None:
+        registry = _resolve(p.registry, base)
+        registry_version = _champion(registry)
+        if registry_version is not None:
+            p = RawPolicy(artifact=str(Path(registry) / "versions" / registry_version))
+        else:           # the safe default: every row to the last tier (its rows feed the pool)
+            p = RawPolicy(rule=p.default or RawRule(feature="mean_logprob", threshold=1.0))
     if p.artifact is not None:
         art = _resolve(p.artifact, base)
         if not (Path(art) / "policy.json").exists():
@@ -422,6 +439,7 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
         else:
             th = [float(r.threshold)] * (len(tiers) - 1)
         policy = PolicySpec(feature=r.feature, thresholds=th)
+    policy.registry, policy.registry_version = registry, registry_version
 
     answers = None
     if spec.answers is not None:
@@ -434,6 +452,17 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
                    shard_rows=spec.shard_rows, batch_rows=spec.batch_rows,
                    audit_share=float(spec.audit_share), max_attempts=spec.max_attempts,
                    base_dir=str(base), choices=spec.choices, date=day, answers=answers)
+
+
+def _champion(registry: str) -> str | None:
+    """The version a policy registry's current.json names (cascade/registry.py), or None."""
+    f = Path(registry) / "current.json"
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())["version"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SpecError(f"policy.registry: {f} is not a registry's current.json ({exc})") from None
 
 
 def load_spec(path: str | Path, *, overrides: dict | None = None,

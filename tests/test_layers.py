@@ -320,8 +320,8 @@ def _commands(code: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-EVERY_COMMAND = sorted(["calibrate", "cancel", "compact", "eval", "export", "gc", "logs", "replay",
-                        "report", "resume", "run", "status", "submit", "worker"])
+EVERY_COMMAND = sorted(["calibrate", "cancel", "compact", "eval", "export", "gc", "learn", "logs",
+                        "replay", "report", "resume", "rollback", "run", "status", "submit", "worker"])
 
 
 def test_cascade_help_lists_every_command_however_the_package_is_imported():

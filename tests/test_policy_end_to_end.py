@@ -227,3 +227,58 @@ def test_cli_eval_writes_the_papers_tables_through_the_report_renderer(tmp_path)
     assert html.count("data:image/png;base64,") >= 2
     s = json.loads((out / "summary.json").read_text())
     assert np.isfinite(s["gain"]) and s["online"]["table"][-1]["T"] == 1000
+
+
+def test_nightly_policy_learns_from_a_night_promotes_and_rolls_back(tmp_path, monkeypatch):
+    """The learning loop through jobs: night 1 has no champion, so its spec's `policy: {registry}`
+    runs the safe default (every row, every tier); `cascade learn` puts its rows in the pool and
+    promotes a challenger that beats the safe default on held-out rows (here the cheap tiers are
+    always wrong, so running them is waste); night 2 runs that champion, named in its policy
+    version; `cascade rollback` returns to the safe default, and the log records each step."""
+    import tests.doubles  # noqa: F401  (the scripted engine)
+
+    n = 240
+    pl.DataFrame({"id": [f"q{i}" for i in range(n)], "prompt": [f"question {i} w{i}" for i in range(n)],
+                  "reference": [f"big w{i}" for i in range(n)]}).write_parquet(tmp_path / "in.parquet")
+    reg = tmp_path / "registry"
+    spec = {"name": "nightly", "input": str(tmp_path / "in.parquet"),
+            "output": str(tmp_path / "nightly" / "{date}"), "shard_rows": 40, "audit_share": 0.2,
+            "tiers": [{"name": t, "model": "scripted", "engine": "scripted", "cost": {"per_token": c}}
+                      for t, c in (("small", 1), ("mid", 3), ("big", 10))],
+            "policy": {"registry": str(reg)}}
+    (tmp_path / "nightly.yaml").write_text(json.dumps(spec))
+    run = CliRunner()
+
+    def night(day):
+        res = run.invoke(main, ["run", str(tmp_path / "nightly.yaml"), "--date", day, "--quiet"])
+        assert res.exit_code == 0, res.output
+        return tmp_path / "nightly" / day
+
+    one = night("2026-12-01")
+    meta = json.loads((one / "job.json").read_text())
+    assert meta["policy_version"].startswith("registry:safe-default:rule:")
+    out = pl.read_parquet(f"{one}/results/*.parquet")
+    assert (out["tiers_run"].list.len() == 3).all() and (out["final_tier"] == 2).all()
+
+    res = run.invoke(main, ["learn", str(one), "--registry", str(reg)])
+    assert res.exit_code == 0, res.output
+    assert "2026-12-01: promoted v0001" in res.output
+    state = json.loads((reg / "current.json").read_text())
+    assert state["version"] == "v0001" and state["log"][-1]["against"] == "safe default"
+    evidence = json.loads((reg / "versions" / "v0001" / "evidence.json").read_text())
+    assert evidence["promote"] and evidence["gain"] > 0 and evidence["holdout_rows"] >= 30
+    assert evidence["pool_rows"] == n
+
+    two = night("2026-12-02")
+    meta = json.loads((two / "job.json").read_text())
+    assert meta["policy_version"].startswith("registry:v0001:artifact:")
+    out = pl.read_parquet(f"{two}/results/*.parquet")
+    assert out["cost"].mean() < pl.read_parquet(f"{one}/results/*.parquet")["cost"].mean()
+
+    res = run.invoke(main, ["rollback", str(reg)])
+    assert res.exit_code == 0 and "champion: none (the safe default)" in res.output
+    assert json.loads((reg / "current.json").read_text())["log"][-1]["rollback"]
+    three = night("2026-12-03")
+    assert json.loads((three / "job.json").read_text())["policy_version"].startswith("registry:safe-default")
+    res = run.invoke(main, ["rollback", str(reg), "--to", "v0009"])
+    assert res.exit_code == 2 and "no version 'v0009'" in res.output
