@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python bench/fault_bench.py
 	$(BIN)/python bench/report_bench.py
 	$(BIN)/python bench/nightly_bench.py
+	$(BIN)/python bench/learning_bench.py
 
 bench-long: install
 	$(BIN)/python bench/ladders_bench.py --online
