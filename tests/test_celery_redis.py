@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 import redis
 
@@ -650,3 +651,48 @@ def test_nightly_beat_schedule_and_task_submit_a_dated_job(tmp_path, tier_names,
         assert Job(out).id == job.id                     # the same night is not submitted twice
     finally:
         control.cancel(out)
+
+
+@pytest.mark.usefixtures("main_redis")
+def test_two_jobs_and_many_workers_share_an_answer_store(tmp_path, tier_names):
+    """Concurrent writers: two jobs over the same rows, run at once by two worker processes per
+    tier, add to one answer store. Every segment they wrote reads back; a third run over the
+    same rows computes nothing (embedded, engine calls counted) and answers as the first;
+    compaction leaves one answer per row and tier."""
+    from jobs import answers
+    from jobs.embedded import run_embedded
+    from tests.doubles import scripted_factory
+
+    store = tmp_path / "answers"
+    workers = [start_worker(t, MAIN_REDIS, tmp_path / f"{t}-{i}.log", delay=0.05)
+               for t in tier_names for i in range(2)]
+    try:
+        jobs = []
+        for k in range(2):
+            spec = make_spec(tmp_path, 80, tier_names, answers=str(store))
+            spec.output = str(tmp_path / "jobs" / f"job{k}")
+            jobs.append(submit(spec, broker=MAIN_REDIS, dispatch=celery_dispatcher(MAIN_REDIS)))
+        for j in jobs:
+            wait_done(j.dir)
+            check_results(j.dir, 80)
+    finally:
+        for w in workers:
+            stop(w)
+    segments = sorted(store.rglob("*.arrow"))
+    assert len(segments) >= 8                                   # units of both jobs wrote
+    for f in segments:
+        assert pa.ipc.open_file(pa.memory_map(str(f))).read_all().num_rows > 0
+    first = pl.read_parquet(f"{jobs[0].dir}/results/*.parquet").sort("id")
+    calls = []
+    spec = make_spec(tmp_path, 80, tier_names, answers=str(store))
+    spec.output = str(tmp_path / "jobs" / "again")
+    again = pl.read_parquet(f"{run_embedded(spec, engine_factory=scripted_factory(calls)).dir}/results/*.parquet").sort("id")
+    assert calls == []
+    assert again["response"].to_list() == first["response"].to_list()
+    assert again["final_tier"].to_list() == first["final_tier"].to_list()
+    runs = again.select(pl.col("tiers").explode()).unnest("tiers")
+    assert runs["reused"].all()
+    answers._INDEXES.clear()
+    out = answers.compact(str(store))
+    assert out["answers_after"] == len(runs)                    # one per (row, tier) run
+    assert out["answers_before"] >= out["answers_after"]
