@@ -403,6 +403,7 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
         | {"error rate": [r["summary"]["errors"] / max(r["summary"]["rows"], 1) for r in runs]},
         "Escalation and error rates", "run date", "rate"), "Escalation and error rates across runs")
 
+    _registry_section(doc, dirs[-1])
     tests = []
     last = runs[-1]
     if last["predicted_shares"]:            # against what the calibration predicts
@@ -463,6 +464,37 @@ def history(root: str, alpha: float = 0.01) -> tuple[Doc, dict]:
                          "shares": {t["name"]: t["share"] for t in r["summary"]["tiers"]}} for r in runs],
                "drift": flagged, "tests": len(tests)}
     return doc, summary
+
+
+def _registry_section(doc: Doc, latest: Path):
+    """Where the latest run's policy comes from a registry (cascade/registry.py): its decisions,
+    night by night (challenger, what it was tested against, held-out rows, mean utility gain,
+    confidence, promoted or kept and why), and the held-out gain per night as a plot."""
+    meta = json.loads((latest / "job.json").read_text())
+    reg = ((meta.get("spec") or {}).get("policy") or {}).get("registry")
+    if not reg or not (Path(reg) / "current.json").exists():
+        return
+    state = json.loads((Path(reg) / "current.json").read_text())
+    rows = []
+    for e in state["log"]:
+        if e.get("rollback"):
+            rows.append(["rollback", None, e.get("champion_before"), None, None, None,
+                         f"champion back to {e.get('champion_after') or 'the safe default'}"])
+        else:
+            rows.append([e.get("night"), e.get("version"), e.get("against"), e.get("holdout_rows"),
+                         e.get("gain"), e.get("confidence_better"),
+                         ("promoted: " if e.get("promote") else "kept: ") + str(e.get("reason"))])
+    doc.h2(f"Policy registry: {reg}")
+    doc.p(f"Champion now: {state['version'] or 'none (the safe default)'}. A challenger is promoted "
+          f"only if it beats the champion on held-out pool rows (mean utility gain, one-sided "
+          f"confidence); every version is kept with its evidence.")
+    doc.table(["night", "challenger", "against", "holdout_rows", "gain", "confidence", "decision"], rows)
+    nights = [r for r in rows if r[0] != "rollback" and r[4] is not None]
+    if nights:
+        doc.image("history_registry.png", lines_png(
+            [r[0] for r in nights], {"held-out utility gain of the challenger": [r[4] for r in nights]},
+            "Challenger against champion, by night", "night", "mean utility gain"),
+            "Held-out gain of each night's challenger")
 
 
 def _axis(runs: list[dict]) -> list[str]:

@@ -275,6 +275,11 @@ def test_nightly_policy_learns_from_a_night_promotes_and_rolls_back(tmp_path, mo
     out = pl.read_parquet(f"{two}/results/*.parquet")
     assert out["cost"].mean() < pl.read_parquet(f"{one}/results/*.parquet")["cost"].mean()
 
+    hist = run.invoke(main, ["report", "--history", str(tmp_path / "nightly")])
+    assert hist.exit_code == 0, hist.output
+    assert "registry:safe-default" in hist.output and "registry:v0001" in hist.output
+    assert f"## Policy registry: {reg}" in hist.output and "promoted: better with confidence" in hist.output
+
     res = run.invoke(main, ["rollback", str(reg)])
     assert res.exit_code == 0 and "champion: none (the safe default)" in res.output
     assert json.loads((reg / "current.json").read_text())["log"][-1]["rollback"]
