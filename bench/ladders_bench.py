@@ -3,6 +3,7 @@ on the four shared ladders and on the live ladder this project made (examples/li
 bench/live_ladder.py), one markdown row each.
 
     .venv/bin/python bench/ladders_bench.py [--online] [LOGS.parquet ...]
+    .venv/bin/python bench/ladders_bench.py --small-sample [--sizes 100,200,400] [--draws 20]
 
 Columns: gain over the fixed-tier hull (relative to the oracle) with its 95% bootstrap interval;
 cost at 99% of the best tier's quality (fraction of its cost) for the policy (with interval), the
@@ -10,6 +11,12 @@ fixed-tier mix, the FrugalGPT-style cascade and the oracle; the default point's 
 against the best tier; how many cascade points fell back to a fixed-tier mix; the predictors
 chosen per (state, tier); with --online, the regret slope of online learning. --models sets the
 predictor candidates (as `calibrate --models`), e.g. to add the boosted trees.
+
+--small-sample: the do-no-harm guarantee where it bites. Per ladder and calibration size, `--draws`
+random draws of that many rows from the ladder's calibration share are calibrated on, and each
+policy is run on the ladder's whole test share; the gain is as above (the policy's operating
+points against the fixed-tier hull, relative to the oracle). Prints, per ladder and size, how
+often the gain falls below -0.01 (harm) and the median gain.
 """
 
 import argparse
@@ -17,6 +24,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +41,14 @@ def main():
     ap.add_argument("--online", action="store_true")
     ap.add_argument("--models", help="predictor candidates (calibrate --models), e.g. "
                                      "prior,monotone,linear,gbt,mlp; default: calibrate's")
+    ap.add_argument("--small-sample", action="store_true")
+    ap.add_argument("--sizes", default="100,200,400")
+    ap.add_argument("--draws", type=int, default=20)
     args = ap.parse_args()
+    if args.small_sample:
+        small_sample([Path(p) for p in args.logs] or [*LADDERS, five_tier()],
+                     [int(x) for x in args.sizes.split(",")], args.draws)
+        return
     from cascade.evaluate import evaluate
     from cascade.ladder import load_ladder
     from cascade.predictor import TrainConfig
@@ -64,6 +80,66 @@ def main():
               f"| {d['cost_vs_best']:.3f} / {d['quality_vs_best']:.3f} | {fell} of {cascade} "
               f"| {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}"
               + (f" | {s['online'].get('loglog_slope', float('nan')):.2f}" if args.online else "") + " |", flush=True)
+        print(f"  {path.stem}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def draw_gain(cal, test, cfg=None) -> float:
+    """The gain of a policy calibrated on `cal`, on `test` (as `cascade eval` computes it)."""
+    from cascade.calibrate import fit_policy
+    from cascade.evaluate import per_row
+    from cascade.frontier import area, oracle_hull, upper_hull
+    from cascade.runtime import replay
+
+    policy, _ = fit_policy(cal, cfg=cfg)
+    results = per_row(replay(policy, test.without_labels()), test)
+    mc, mq = test.cost.mean(1), test.quality.mean(1)
+    best = int(np.lexsort((mc, -mq))[0])
+    lo, hi = float(mc.min()), float(mc[best])
+    fixed = area(upper_hull(*zip(*zip(mc, mq))), lo, hi)
+    pol = area(upper_hull(*zip(*[(c.mean(), q.mean()) for c, q in results.values()])), lo, hi)
+    oracle = area(oracle_hull(test.quality, test.cost), lo, hi)
+    return (pol - fixed) / (oracle - fixed) if oracle > fixed else float("nan")
+
+
+def five_tier() -> Path:
+    """A 5-tier ladder made from the two MMLU-Pro ladders (the same 12,032 questions): all five
+    models, cheapest first, two of them dominated (Mixtral by Llama-3.1-8B, Llama-3-70B by
+    Llama-3.1-70B): where a fixed-tier hull read off a few hundred rows is least sure. Written
+    to a temporary file."""
+    import tempfile
+
+    import polars as pl
+
+    frames = [pl.read_parquet(SHARED / f"{n}.parquet") for n in ("mmlu_pro_llama31_mixtral", "mmlu_pro_llama3_base")]
+    both = pl.concat([f.drop("tier") for f in frames])
+    order = both.group_by("model").agg(pl.col("cost").mean()).sort("cost")["model"].to_list()
+    both = both.with_columns(pl.col("model").replace_strict(order, list(range(len(order))),
+                                                            return_dtype=pl.Int32).alias("tier"))
+    out = Path(tempfile.mkdtemp(prefix="cascade-ladder-")) / "mmlu_pro_5tier.parquet"
+    both.sort(["row_id", "tier"]).write_parquet(out)
+    return out
+
+
+def small_sample(paths, sizes, draws):
+    from cascade.evaluate import split
+    from cascade.ladder import load_ladder
+
+    print(f"| ladder | " + " | ".join(f"{n} rows: harm / median gain" for n in sizes) + " |")
+    print("|---" * (1 + len(sizes)) + "|")
+    for path in paths:
+        if not path.exists():
+            print(f"skipped {path}: not found", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        cal, test = split(load_ladder(path, require_quality=True), 0.3)
+        rng = np.random.default_rng(0)
+        cells = []
+        for n in sizes:
+            gains = np.array([draw_gain(cal.subset(rng.choice(len(cal), min(n, len(cal)), replace=False)), test)
+                              for _ in range(draws)])
+            cells.append(f"{np.mean(gains < -0.01):.0%} of {draws} / {np.nanmedian(gains):.3f}")
+        name = f"{path.parent.name}/{path.stem}" if path.stem == "logs" else path.stem
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
         print(f"  {path.stem}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
