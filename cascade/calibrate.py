@@ -118,8 +118,11 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     # predictors' own cross-fitting), then checked against the fixed-tier hull at its cost.
     held = held_out(results, q_by_state, plen, quality, cost, folds, u)
     hull = FixedHull(quality, cost)
-    fixed = [] if user_lambdas is not None else [hull.run((t, t, 0.0), u) for t in hull.tiers]
-    for res, t in zip(fixed, hull.tiers):        # each fixed tier of the hull is a point too
+    # Every fixed tier is a point too, not only the tiers of the calibration rows' hull: on a few
+    # hundred rows two tiers of near-equal quality can swap places, and a policy whose points
+    # miss the tier that is really on the hull is worse than the fixed tiers it was to beat.
+    fixed = [] if user_lambdas is not None else [hull.run((t, t, 0.0), u) for t in range(n)]
+    for res, t in zip(fixed, range(n)):
         res.point = OperatingPoint(lam=float("nan"), betas={}, mix=(t, t, 0.0))
     checked = [no_harm(res, oos, hull, u, no_harm_confidence) for res, oos in zip(results, held)]
     fallbacks, swept = sum(r.point.mix is not None for r, _ in checked), len(checked)

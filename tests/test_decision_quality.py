@@ -138,7 +138,8 @@ def test_fixed_tier_mix_points_assign_rows_by_hash():
     policy, _ = fit_policy(cal)
     mixes = [p for p in policy.points if p.mix is not None and p.mix[0] != p.mix[1]]
     fixed = [p for p in policy.points if p.mix is not None and p.check is None]
-    assert mixes and sorted(p.mix[0] for p in fixed) == [0, 2]    # the hull's tiers: 0 and 2
+    assert mixes and sorted(p.mix[0] for p in fixed) == [0, 1, 2]      # every tier is a point
+    assert {p.mix[0] for p in mixes} | {p.mix[1] for p in mixes} == {0, 2}   # mixes: the hull's tiers
     d = replay(policy, test.without_labels())
     u = row_hash(test.row_ids)
     for p in mixes + fixed:
