@@ -65,10 +65,10 @@ def fixture_rows(n_stop=6, n_esc=3):
     return rows
 
 
-def write_job(path, rows, with_reference=True):
+def write_job(path, rows, with_reference=True, struct=TIER_STRUCT):
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", pa.string()),
                         ("final_tier", pa.int32()), ("final_tier_name", pa.string()),
-                        ("tiers_run", pa.list_(pa.int32())), ("tiers", pa.list_(TIER_STRUCT)),
+                        ("tiers_run", pa.list_(pa.int32())), ("tiers", pa.list_(struct)),
                         ("status", pa.string()), ("error", pa.string()), ("cost", pa.float64()),
                         ("seconds", pa.float64()), ("reference", pa.string())])
     table = pa.Table.from_pylist(rows, schema=schema)
@@ -113,6 +113,17 @@ def test_sql_answers_known_by_construction(job):
     assert {r["signal"] for r in d["calibration"]} == {"p_quality"}
     assert cal[(0, 9)]["rows"] == 4 and cal[(0, 9)]["observed"] == 1.0
     assert cal[(0, 6)]["observed"] == 0.0 and cal[(0, 2)]["rows"] == 3
+
+
+def test_results_from_before_answer_reuse_still_report(job, tmp_path):
+    """Results written before runs carried `reused` (layout 3) report as they did: every run
+    paid, the same figures as the same rows written now with nothing reused."""
+    old_struct = pa.struct([f for f in TIER_STRUCT if f.name != "reused"])
+    old = write_job(tmp_path / "old", fixture_rows(), struct=old_struct)
+    assert "reused" not in report.result_columns(report.connect(str(old)))
+    assert report.run_all(str(old)) == report.run_all(job)
+    s = report.write_report(str(old), str(tmp_path / "rep"))
+    assert s["cost_total"] == pytest.approx(pl.read_parquet(f"{old}/results/*.parquet")["cost"].sum())
 
 
 def test_sql_runs_as_plain_duckdb_scripts(job):
