@@ -444,14 +444,12 @@ def learn(job_dir, registry, lam):
 
     Example: cascade learn /jobs/runs/nightly/2026-12-01 --registry /jobs/policies/nightly
     """
-    import json as _json
-
     from cascade.registry import Objective, Registry
     from jobs import report as rep
 
     try:
         rep.require_finished(job_dir)
-        meta = _json.loads(Path(job_dir, "job.json").read_text())
+        meta = json.loads(Path(job_dir, "job.json").read_text())
         night = (meta.get("spec") or {}).get("date") or meta["job_id"]
         try:
             frame = rep.replay_logs(job_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 from pathlib import Path
 
 import duckdb
@@ -19,6 +18,7 @@ from scipy import stats
 
 from cascade.render import Doc, bar_png, fmt, frontier_png, grouped_bar_png, lines_png, reliability_png
 from jobs.job import Job
+from jobs.roots import walk_jobs
 from jobs.storage import Store
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -301,14 +301,7 @@ def job_dirs(root: str) -> list[Path]:
     """Every finished job directory (job.json and results/) below `root`, at any depth, oldest
     run first: by the run's date (`--date`; else the day it was created), then its creation. The
     walk does not descend into a job directory (its unit files may be millions)."""
-    found = []
-    for here, subdirs, files in os.walk(root):
-        if "job.json" in files:
-            subdirs.clear()
-            d = Path(here)
-            if list(d.glob("results/*.parquet")):
-                found.append(d)
-        subdirs.sort()
+    found = [d for d in walk_jobs(root) if list(d.glob("results/*.parquet"))]
     return sorted(found, key=lambda d: _run_order(json.loads((d / "job.json").read_text())))
 
 

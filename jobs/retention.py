@@ -5,10 +5,11 @@ job older than the retention is removed whole. Unfinished jobs are never touched
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
+
+from jobs.roots import walk_jobs
 
 UNIT_DIRS = ("routed", "work", "tiers")
 
@@ -18,17 +19,9 @@ def _size(path: Path) -> int:
 
 
 def finished_jobs(root: str) -> list[tuple[Path, float]]:
-    """(job directory, when it finished) for every finished job below `root`, at any depth; the
-    walk does not descend into a job directory."""
-    out = []
-    for here, subdirs, files in os.walk(root):
-        if "job.json" in files:
-            subdirs.clear()
-            done = Path(here) / "finished.json"
-            if done.exists():
-                out.append((Path(here), done.stat().st_mtime))
-        subdirs.sort()
-    return out
+    """(job directory, when it finished) for every finished job below `root`, at any depth."""
+    return [(d, (d / "finished.json").stat().st_mtime) for d in walk_jobs(root)
+            if (d / "finished.json").exists()]
 
 
 def gc(root: str, keep_days: float, dry_run: bool = False, now: float | None = None) -> dict:

@@ -63,6 +63,16 @@ def indexed_jobs() -> dict[str, str]:
     return out
 
 
+def walk_jobs(root: str):
+    """Every job directory (one holding job.json) below `root`, at any depth, in a stable order.
+    The walk does not descend into a job directory: its unit files may be millions."""
+    for here, subdirs, files in os.walk(root):
+        if "job.json" in files:
+            subdirs.clear()
+            yield Path(here)
+        subdirs.sort()
+
+
 def refusal(job_dir: str) -> str | None:
     """Why a job directory is refused (None: accepted): outside CASCADE_JOBS_ROOT, when set."""
     root = jobs_root()
