@@ -54,6 +54,16 @@ SCHEMA = pa.schema([
 ])
 
 
+def _oldest(keep_days: float | None) -> float:
+    """The creation time before which answers are past retention (-inf: kept forever)."""
+    return time.time() - keep_days * 86400 if keep_days else -np.inf
+
+
+def _segment_name(fingerprint: str) -> str:
+    """A new segment's path: a name no other writer uses."""
+    return f"{fingerprint}/seg-{time.time_ns()}-{uuid.uuid4().hex[:8]}.arrow"
+
+
 def tier_fingerprint(tier: TierSpec) -> str:
     """What, besides the row, determines a tier's answer (see the module docstring)."""
     doc = {"engine": tier.engine, "versions": engine_version(tier.engine),
@@ -118,7 +128,7 @@ class _Index:
                          self.store.root, exc)
 
     def _add(self, t: pa.Table):
-        oldest = time.time() - self.keep_days * 86400 if self.keep_days else -np.inf
+        oldest = _oldest(self.keep_days)
         k = len(self.tables)
         self.tables.append(t)
         created = t.column("created").to_numpy()
@@ -149,17 +159,21 @@ class AnswerStore:
         """(positions in `keys` found, their answers, their seconds when computed)."""
         index = self._index(fingerprint)
         found = [(i, index.where[k]) for i, k in enumerate(keys) if k in index.where]
-        if self.spec.keep_days:                  # aged past the window since it was read
-            oldest = time.time() - self.spec.keep_days * 86400
-            found = [(i, (s, r)) for i, (s, r) in found
-                     if index.tables[s].column("created")[r].as_py() >= oldest]
-        gens, seconds = [], []
-        for _, (seg, row) in found:
-            r = {c: index.tables[seg].column(c)[row].as_py() for c in SCHEMA.names if c != "key"}
-            gens.append(Generation(r["text"], r["logprobs"], r["finish_reason"], r["prompt_tokens"],
-                                   r["choice_prob"], r["choice_margin"]))
-            seconds.append(r["seconds"])
-        return [i for i, _ in found], Generations.of(gens), np.asarray(seconds, dtype=np.float64)
+        by_segment: dict[int, list[tuple[int, int]]] = {}
+        for i, (seg, row) in found:
+            by_segment.setdefault(seg, []).append((i, row))
+        oldest = _oldest(self.spec.keep_days)       # aged past the window since it was read
+        answers: dict[int, tuple[Generation, float]] = {}
+        for seg, hits in by_segment.items():         # one take per segment, not a read per field
+            rows = index.tables[seg].take(pa.array([row for _, row in hits])).to_pylist()
+            for (i, _), r in zip(hits, rows):
+                if r["created"] >= oldest:
+                    answers[i] = (Generation(r["text"], r["logprobs"], r["finish_reason"],
+                                             r["prompt_tokens"], r["choice_prob"], r["choice_margin"]),
+                                  r["seconds"])
+        hit = sorted(answers)
+        return (hit, Generations.of([answers[i][0] for i in hit]),
+                np.asarray([answers[i][1] for i in hit], dtype=np.float64))
 
     def add(self, fingerprint: str, keys: list[str], gens: Generations, seconds: np.ndarray,
             job_id: str):
@@ -178,9 +192,8 @@ class AnswerStore:
             nulls if gens.choice_margin is None else pa.array(gens.choice_margin, mask=np.isnan(gens.choice_margin)),
             pa.array(np.broadcast_to(seconds, n).astype(np.float64)), pa.array(np.full(n, time.time())),
             pa.array([job_id] * n, pa.string())], schema=SCHEMA)
-        name = f"{fingerprint}/seg-{time.time_ns()}-{uuid.uuid4().hex[:8]}.arrow"
         self.store.makedirs(fingerprint)
-        self.store.write_arrow(name, table, {"answers": n}, once=True)
+        self.store.write_arrow(_segment_name(fingerprint), table, {"answers": n}, once=True)
 
 
 def compact(path: str, keep_days: float | None = None, dry_run: bool = False) -> dict:
@@ -188,7 +201,7 @@ def compact(path: str, keep_days: float | None = None, dry_run: bool = False) ->
     answers older than `keep_days`; segments written while it runs are left as they are.
     Returns {"tiers", "segments_before", "answers_before", "answers_after"}."""
     store = Store(path)
-    oldest = time.time() - keep_days * 86400 if keep_days else -np.inf
+    oldest = _oldest(keep_days)
     out = {"tiers": 0, "segments_before": 0, "answers_before": 0, "answers_after": 0}
     for fp in sorted({rel.split("/")[0] for rel in store.glob("*/*.arrow")}):
         segments = sorted(store.glob(f"{fp}/*.arrow"))
@@ -204,7 +217,7 @@ def compact(path: str, keep_days: float | None = None, dry_run: bool = False) ->
         if dry_run or (len(segments) == 1 and keep.num_rows == table.num_rows):
             continue
         if keep.num_rows:
-            store.write_arrow(f"{fp}/seg-{time.time_ns()}-{uuid.uuid4().hex[:8]}.arrow", keep,
+            store.write_arrow(_segment_name(fp), keep,
                               {"answers": keep.num_rows, "compacted": len(segments)}, once=True)
         for rel in segments:
             store.remove(rel)
