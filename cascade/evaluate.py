@@ -176,6 +176,7 @@ def evaluate(ladder: Ladder, *, calibration_share: float = 0.3, seed: int = 0,
                     "points": [{"label": p.label, "kind": point_kind(p)} | (p.check or {})
                                for p in policy.points]},
         "calibration_seconds": report.seconds,
+        "embeddings": report.embeddings,
         "predictor_metrics": report.predictor_metrics,
     }
     if online:
@@ -252,15 +253,21 @@ def document(res: EvalResult):
     if s.get("no_harm"):
         nh = s["no_harm"]
         pts = pl.DataFrame([{"point": p["label"], "kind": p["kind"],
-                             "advantage": p.get("advantage"), "confidence_better": p.get("confidence_better")}
+                             "advantage": p.get("advantage"), "confidence_better": p.get("confidence_better"),
+                             "t": p.get("t"), "threshold": p.get("threshold"),
+                             "default_threshold": p.get("default_threshold")}
                             for p in nh["points"]])
         fell = pts.filter(pl.col("kind") == "fixed-tier mix").height
         doc.h2("Do no harm")
         doc.p(f"Each cascade point was checked on held-out calibration rows (nested cross-fitting) "
               f"against the fixed-tier mix at its cost; {fell} of the {len(pts)} points kept "
               f"became that mix (kept only with at least {nh['confidence']:.0%} confidence of "
-              "beating it). advantage: held-out quality over the mix's.")
-        doc.frame(pts, ["point", "kind", "advantage", "confidence_better"])
+              "beating it: t above threshold). The default point is chosen only among the fixed "
+              "tiers, the mixes and the points whose t clears default_threshold, the bound that "
+              f"holds at {nh['confidence']:.0%} for all points tested at once (max-t, README). "
+              "advantage: held-out quality over the mix's.")
+        doc.frame(pts, ["point", "kind", "advantage", "confidence_better", "t", "threshold",
+                        "default_threshold"])
     doc.h2("Lambda sweep (paper Table 2, measured)")
     doc.p("Each operating point replayed causally on the test rows; lambda in units of quality per "
           "unit of logged cost. The paper's Table 2 reports a single headline speedup that its own "

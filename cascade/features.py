@@ -182,10 +182,13 @@ class Observations:
     a featurizer can only read blocks that were revealed.
     """
 
-    def __init__(self, prompts, prompt_text, prompt_num, row_ids=None):
+    def __init__(self, prompts, prompt_text, prompt_num, row_ids=None, embedding=None):
         self.n_rows = len(prompts)
         self.row_ids = None if row_ids is None else np.asarray(row_ids, dtype=object)
         self.prompt_dense, self.prompt_hashed = prompt_block(prompts, prompt_text, prompt_num)
+        # (rows, dim) prompt embeddings (cascade.encoder), or None: read only by a featurizer
+        # fitted with them
+        self.embedding = None if embedding is None else np.asarray(embedding, np.float32)
         self.tiers: dict[int, tuple] = {}
         self.outputs: dict[int, np.ndarray] = {}
 
@@ -198,22 +201,40 @@ class Observations:
         out.n_rows = len(idx)
         out.row_ids = None if self.row_ids is None else self.row_ids[idx]
         out.prompt_dense, out.prompt_hashed = self.prompt_dense[idx], self.prompt_hashed[idx]
+        out.embedding = None if self.embedding is None else self.embedding[idx]
         out.tiers = {t: tuple(part[idx] for part in blk) for t, blk in self.tiers.items()}
         out.outputs = {t: o[idx] for t, o in self.outputs.items()}
         return out
 
 
 class StateFeaturizer:
-    """Dense design matrix for the predictor of one state (a set of run tiers)."""
+    """Dense design matrix for the predictor of one state (a set of run tiers).
 
-    def __init__(self, prompt_scaler: Standardizer, tier_scalers: dict[int, Standardizer]):
+    With `embedding_dim` > 0 the prompt's embedding is appended as the matrix's last columns
+    (`embedding_columns`): everything before them is laid out as without embeddings, so the
+    candidates that do not read embeddings see the same columns either way."""
+
+    def __init__(self, prompt_scaler: Standardizer, tier_scalers: dict[int, Standardizer],
+                 embedding_dim: int = 0):
         self.prompt_scaler = prompt_scaler
         self.tier_scalers = tier_scalers
+        self.embedding_dim = embedding_dim
 
     @classmethod
     def fit(cls, obs: Observations) -> "StateFeaturizer":
         return cls(Standardizer().fit(obs.prompt_dense),
-                   {t: Standardizer().fit(blk[0]) for t, blk in obs.tiers.items()})
+                   {t: Standardizer().fit(blk[0]) for t, blk in obs.tiers.items()},
+                   0 if obs.embedding is None else obs.embedding.shape[1])
+
+    def width(self, state: tuple[int, ...]) -> int:
+        """Columns of the state's matrix before the embedding."""
+        w = len(self.prompt_scaler.mean) + PROMPT_HASH + META_HASH
+        w += sum(len(self.tier_scalers[t].mean) + OUTPUT_HASH + ANSWER_HASH for t in state)
+        return w + len(state) * (len(state) - 1)         # agreement: two columns per pair
+
+    def embedding_columns(self, state: tuple[int, ...]) -> slice:
+        w = self.width(state)
+        return slice(w, w + self.embedding_dim)
 
     def __call__(self, obs: Observations, state: tuple[int, ...]) -> np.ndarray:
         parts = [self.prompt_scaler(obs.prompt_dense), obs.prompt_hashed]
@@ -223,6 +244,10 @@ class StateFeaturizer:
         if len(state) > 1:
             parts.append(agreement({t: obs.tiers[t][2] for t in state},
                                    {t: obs.outputs[t] for t in state}, state))
+        if self.embedding_dim:
+            if obs.embedding is None:
+                raise ValueError("this policy reads prompt embeddings; the observations have none")
+            parts.append(obs.embedding)
         return np.ascontiguousarray(np.hstack(parts), dtype=np.float32)
 
     def numeric_columns(self, state: tuple[int, ...], prompt_num: list[str],
@@ -253,17 +278,20 @@ class StateFeaturizer:
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt_scaler.to_json(),
-                "tiers": {str(t): s.to_json() for t, s in self.tier_scalers.items()}}
+                "tiers": {str(t): s.to_json() for t, s in self.tier_scalers.items()},
+                "embedding_dim": self.embedding_dim}
 
     @classmethod
     def from_json(cls, d) -> "StateFeaturizer":
         return cls(Standardizer.from_json(d["prompt"]),
-                   {int(t): Standardizer.from_json(s) for t, s in d["tiers"].items()})
+                   {int(t): Standardizer.from_json(s) for t, s in d["tiers"].items()},
+                   int(d.get("embedding_dim", 0)))
 
 
-def observe_all(ladder) -> Observations:
+def observe_all(ladder, embedding=None) -> Observations:
     """Observations with every tier revealed: for calibration, where all tiers were logged."""
-    obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num, ladder.row_ids)
+    obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num, ladder.row_ids,
+                       embedding)
     for t in range(ladder.n_tiers):
         obs.reveal(t, ladder.outputs[t], None if ladder.cost is None else ladder.cost[t],
                    {k: v[t] for k, v in ladder.output_num.items()})

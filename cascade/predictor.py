@@ -29,10 +29,12 @@ from torch import nn
 # Candidate models for each (state, tier), simplest first; the choice is the lowest out-of-fold
 # log-loss, so a tie (or a small calibration set where nothing beats a simple model) keeps the
 # simpler one. prior, monotone and linear are linear heads on the state's feature matrix.
-CANDIDATES = ("prior", "monotone", "linear", "gbt", "mlp")
+# embed and cluster read the prompt's embedding (cascade.encoder) and exist only for a policy
+# calibrated with one (`calibrate --embeddings`).
+CANDIDATES = ("prior", "monotone", "linear", "embed", "cluster", "gbt", "mlp")
 # The default set leaves the trees out: on the two small shared ladders they won out of fold
 # yet lost on the test rows (README, "Decision quality"); `calibrate --models` adds them.
-DEFAULT_MODELS = ("prior", "monotone", "linear", "mlp")
+DEFAULT_MODELS = ("prior", "monotone", "linear", "embed", "cluster", "mlp")
 # Boosted trees: small on purpose (a head is evaluated per row at run time, <= 2 us/row in all)
 GBT_PARAMS = dict(max_iter=25, learning_rate=0.15, max_leaf_nodes=8, max_depth=3,
                   min_samples_leaf=20, l2_regularization=1.0, early_stopping=False)
@@ -50,6 +52,9 @@ class TrainConfig:
     seed: int = 0
     # candidate model kinds chosen from per (state, tier) by out-of-fold log-loss
     models: tuple[str, ...] = DEFAULT_MODELS
+    # prompt embeddings from this encoder (cascade.encoder.ENCODERS) as features of the embed
+    # and cluster candidates; None: none
+    encoder: str | None = None
 
 
 class QualityMLP(nn.Module):
@@ -86,6 +91,22 @@ def train_mlp(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, seed: int) -> Qual
 def logits_of(models: list[QualityMLP], x: np.ndarray) -> np.ndarray:
     xt = torch.from_numpy(x)
     return np.mean([m(xt).numpy() for m in models], axis=0)
+
+
+def fit_logistic(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Slopes and shift of sigmoid(scores @ a + b) minimising its cross-entropy against y in
+    [0, 1], unpenalised, soft labels as weights (fit_platt with several scores)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
+    scores = np.asarray(scores, np.float64).reshape(len(y), -1)
+    if y.min() == y.max():
+        return np.eye(scores.shape[1])[0], 0.0
+    x = np.concatenate([scores, scores])
+    label = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
+    lr = LogisticRegression(C=np.inf, tol=1e-10, max_iter=500)
+    lr.fit(x, label, sample_weight=np.concatenate([y, 1 - y]))
+    return lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
 
 
 def fit_platt(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -208,6 +229,92 @@ class TreeHead:
 
 
 @dataclass
+class ClusterHead:
+    """A prompt's cluster (the nearest of k centroids of the calibration prompts' embeddings)
+    -> a logit per tier: each cluster's smoothed quality rate on the calibration rows, Platt-
+    scaled (the k-means routing of Avengers; a k-nearest-neighbour estimate whose neighbours
+    are fixed in advance, so a row costs k dot products, not one per calibration row)."""
+
+    centroids: np.ndarray      # (k, dim)
+    table: np.ndarray          # (k, n_tiers) logits, Platt scaling folded in
+
+    def __post_init__(self):
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
+        self.table = np.asarray(self.table, dtype=np.float32)
+        self._half = 0.5 * (self.centroids ** 2).sum(1)
+
+    def assign(self, e: np.ndarray) -> np.ndarray:
+        """Nearest centroid (Euclidean) of each row's embedding."""
+        return np.argmax(e @ self.centroids.T - self._half, axis=1)
+
+    def logits(self, e: np.ndarray) -> np.ndarray:
+        return self.table[self.assign(e)]
+
+
+CLUSTER_PSEUDO_ROWS = 5.0      # a cluster's rate is shrunk to the tier's mean by this many rows
+
+
+def cluster_count(rows: int) -> int:
+    """k for k-means on `rows` calibration prompts: about sqrt(rows / 2), 4 to 64 (8 clusters of
+    about 16 rows at 130 rows; 42 of about 85 at 3,600)."""
+    return int(np.clip(round(np.sqrt(rows / 2)), 4, 64))
+
+
+@dataclass
+class EmbeddingFits:
+    """The state-independent parts of the embedding candidates, fitted once per calibration on
+    the prompt embeddings `e` with the predictors' folds."""
+
+    score: np.ndarray          # (N, n) out-of-fold ridge scores on the embedding
+    coefs: np.ndarray          # (K, n, dim) per fold
+    icpts: np.ndarray          # (K, n)
+    cluster_oof: np.ndarray | None    # (N, n) out-of-fold cluster probabilities (Platt-scaled)
+    cluster: ClusterHead | None
+
+
+def fit_embedding(e: np.ndarray, y: np.ndarray, folds: np.ndarray, seed: int) -> EmbeddingFits:
+    """Ridge regression of every tier's quality on the prompt embedding (cross-fitted; the L2
+    strength per tier by generalised cross-validation) and the cluster head: k-means of the
+    embeddings (unsupervised: all rows), per fold each cluster's quality rate on the other folds
+    shrunk to the tier's mean, Platt-scaled out of fold; deployed with the folds' logits
+    averaged."""
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import Ridge, RidgeCV
+
+    n_rows, n = y.shape
+    k = int(folds.max()) + 1
+    alphas = np.atleast_1d(RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True).fit(e, y).alpha_)
+    score = np.zeros((n_rows, n))
+    coefs, icpts = np.zeros((k, n, e.shape[1])), np.zeros((k, n))
+    for f in range(k):
+        train = folds != f
+        fit = Ridge(alpha=alphas).fit(e[train], y[train])
+        score[~train] = fit.predict(e[~train])
+        coefs[f], icpts[f] = fit.coef_, fit.intercept_
+    m = min(cluster_count(n_rows), n_rows)
+    if m < 2:
+        return EmbeddingFits(score, coefs, icpts, None, None)
+    km = KMeans(n_clusters=m, n_init=3, random_state=seed).fit(e)
+    head = ClusterHead(km.cluster_centers_, np.zeros((m, n)))
+    label = head.assign(e)
+    raw, tables = np.zeros((n_rows, n)), np.zeros((k, m, n))
+    for f in range(k):
+        train = folds != f
+        prior = y[train].mean(0)
+        sums = np.zeros((m, n))
+        np.add.at(sums, label[train], y[train])
+        counts = np.bincount(label[train], minlength=m)[:, None]
+        tables[f] = _logit((sums + CLUSTER_PSEUDO_ROWS * prior) / (counts + CLUSTER_PSEUDO_ROWS))
+        raw[~train] = tables[f][label[~train]]
+    oof, table = np.zeros((n_rows, n)), np.zeros((m, n))
+    for t in range(n):
+        a, c = fit_platt(raw[:, t], y[:, t])
+        oof[:, t] = expit(a * raw[:, t] + c)
+        table[:, t] = a * tables[:, :, t].mean(0) + c
+    return EmbeddingFits(score, coefs, icpts, oof, ClusterHead(km.cluster_centers_, table))
+
+
+@dataclass
 class StatePredictor:
     """The predictor of one state: per tier, either the K fold MLPs' Platt-scaled mean logit, or
     a linear head (prior, a monotone map of one numeric column, Platt-scaled ridge) with its
@@ -219,6 +326,8 @@ class StatePredictor:
     weight: np.ndarray | None = None     # (n_features, n_tiers): linear heads (0 for MLP tiers)
     bias: np.ndarray | None = None       # (n_tiers,)
     trees: dict[int, TreeHead] | None = None   # tier -> its boosted-tree head
+    cluster: ClusterHead | None = None         # for the tiers whose head is "cluster"
+    embedding: tuple[int, int] | None = None   # (first, end) columns of the prompt embedding
 
     def __post_init__(self):
         n = self.platt.shape[0]
@@ -237,8 +346,9 @@ class StatePredictor:
             self._b2 = (torch.stack([m.net[3].bias for m in self.models]).mean(0)).numpy()
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Mean logit of the fold MLPs (eval mode: dropout off), before Platt scaling."""
-        hidden = np.maximum(x @ self._w1 + self._b1, 0.0)
+        """Mean logit of the fold MLPs (eval mode: dropout off), before Platt scaling. They read
+        the columns before the prompt embedding."""
+        hidden = np.maximum(x[:, :self._w1.shape[0]] @ self._w1 + self._b1, 0.0)
         return hidden @ self._w2 + self._b2
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -249,7 +359,22 @@ class StatePredictor:
             out[:, self._mlp] = apply_platt(self.logits(x), self.platt)[:, self._mlp]
         for t, head in (self.trees or {}).items():
             out[:, t] = expit(head.score(x))
+        if self.cluster is not None:
+            on = np.array([h == "cluster" for h in self.heads])
+            a, b = self.embedding
+            out[:, on] = expit(self.cluster.logits(x[:, a:b])[:, on])
         return out
+
+    def reads_embedding(self) -> bool:
+        return any(h in ("embed", "cluster") for h in self.heads)
+
+    def without_embedding(self, width: int) -> "StatePredictor":
+        """The same predictor for a matrix without the embedding columns (from `width` on):
+        valid only where no head reads them."""
+        assert not self.reads_embedding()
+        return StatePredictor(self.models, self.platt, self.heads,
+                              None if self.weight is None else self.weight[:width], self.bias,
+                              self.trees)
 
 
 def cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
@@ -279,7 +404,8 @@ def _logit(p):
 
 
 def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig, seed: int,
-              numeric: dict[str, int] | None = None, dense: list[int] | None = None
+              numeric: dict[str, int] | None = None, dense: list[int] | None = None,
+              embedding: slice | None = None, emb_fits: EmbeddingFits | None = None
               ) -> tuple[StatePredictor, np.ndarray, list[dict]]:
     """Every candidate model of one state, cross-fitted on the same folds; per tier, the one with
     the lowest out-of-fold log-loss. Returns the predictor, its out-of-fold probabilities (what
@@ -289,11 +415,17 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
     gets a monotone candidate, a one-feature logistic fit (Platt scaling) of that column.
     `dense`: the columns that are not hashed text; the trees split on those only (hundreds of
     sparse hashed columns would cost most of their fitting time for little).
+    `embedding`: where x holds the prompt embedding (its last columns), with `emb_fits` its
+    state-independent fits: then two more candidates, "embed" (the linear candidate's and the
+    embedding ridge's out-of-fold scores combined by one logistic fit, folded into one linear
+    head) and "cluster" (ClusterHead). Every other candidate reads the columns before it.
     """
     n_rows, n = y.shape
     k = int(folds.max()) + 1
     numeric = numeric or {}
-    mlp, oof_mlp = cross_fit(x, y, folds, cfg, seed)
+    width = x.shape[1] if embedding is None else embedding.start
+    base = x[:, :width] if embedding is not None else x
+    mlp, oof_mlp = cross_fit(np.ascontiguousarray(base), y, folds, cfg, seed)
     # linear candidates: name -> (oof probabilities (N, n), weight (d, n), bias (n,))
     cands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -328,15 +460,29 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
     # log-loss and AUC, at a tenth of its fitting time (measured on the MMLU-Pro ladders)
     from sklearn.linear_model import Ridge, RidgeCV
 
-    alphas = np.atleast_1d(RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True).fit(x, y).alpha_)
+    alphas = np.atleast_1d(RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True).fit(base, y).alpha_)
     score = np.zeros((n_rows, n))
-    coefs, icpts = np.zeros((k, n, x.shape[1])), np.zeros((k, n))
+    coefs, icpts = np.zeros((k, n, width)), np.zeros((k, n))
     for f in range(k):
         train = folds != f
-        fit = Ridge(alpha=alphas).fit(x[train], y[train])
-        score[~train] = fit.predict(x[~train])
+        fit = Ridge(alpha=alphas).fit(base[train], y[train])
+        score[~train] = fit.predict(base[~train])
         coefs[f], icpts[f] = fit.coef_, fit.intercept_
-    platt_heads("linear", score, coefs, icpts)
+    platt_heads("linear", score, coefs, icpts, np.arange(width))
+    if emb_fits is not None and embedding is not None:
+        oof, w, b = np.zeros((n_rows, n)), np.zeros((x.shape[1], n)), np.zeros(n)
+        for t in range(n):
+            both = np.stack([score[:, t], emb_fits.score[:, t]], 1)
+            # its out-of-fold loss with the combination cross-fitted too: fitted in-sample, its
+            # one weight more than the linear candidate's Platt scaling would win by chance
+            for f in range(k):
+                (a1, a2), c = fit_logistic(both[folds != f], y[folds != f, t])
+                oof[folds == f, t] = expit(both[folds == f] @ np.array([a1, a2]) + c)
+            (a1, a2), c = fit_logistic(both, y[:, t])
+            w[:width, t] = a1 * coefs[:, t].mean(0)
+            w[embedding, t] = a2 * emb_fits.coefs[:, t].mean(0)
+            b[t] = a1 * icpts[:, t].mean() + a2 * emb_fits.icpts[:, t].mean() + c
+        cands["embed"] = (oof, w, b)
     trees: dict[int, tuple[np.ndarray, TreeHead]] = {}    # tier -> (oof probabilities, head)
     if "gbt" in cfg.models:
         cols = np.asarray(dense if dense is not None else range(x.shape[1]))
@@ -352,6 +498,8 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
                   if name.split(":")[0] in cfg.models}
         if t in trees:
             losses["gbt"] = log_loss(trees[t][0], y[:, t])
+        if emb_fits is not None and emb_fits.cluster is not None and "cluster" in cfg.models:
+            losses["cluster"] = log_loss(emb_fits.cluster_oof[:, t], y[:, t])
         if "mlp" in cfg.models or not losses:
             losses["mlp"] = log_loss(oof_mlp[:, t], y[:, t])
         best = min(losses, key=losses.get)           # dict order: simplest first wins a tie
@@ -361,10 +509,14 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
             oof[:, t] = oof_mlp[:, t]
         elif best == "gbt":
             oof[:, t] = trees[t][0]
+        elif best == "cluster":
+            oof[:, t] = emb_fits.cluster_oof[:, t]
         else:
             oof[:, t], weight[:, t], bias[t] = cands[best][0][:, t], cands[best][1][:, t], cands[best][2][t]
     chosen = {t: trees[t][1] for t, h in enumerate(heads) if h == "gbt"}
-    pred = StatePredictor(mlp.models, mlp.platt, heads, weight, bias, chosen or None)
+    pred = StatePredictor(mlp.models, mlp.platt, heads, weight, bias, chosen or None,
+                          emb_fits.cluster if "cluster" in heads else None,
+                          None if embedding is None else (embedding.start, embedding.stop))
     return pred, oof, report
 
 

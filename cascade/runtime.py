@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from cascade.encoder import get_encoder
 from cascade.features import Observations, StateFeaturizer, tier_block
 from cascade.ladder import Ladder
 from cascade.policy import OperatingPoint, decide, phi, row_hash, solve_order
@@ -30,6 +31,15 @@ class Policy:
     train_config: TrainConfig = field(default_factory=TrainConfig)
     calibration: dict = field(default_factory=dict)
     version: str = ""
+    # the sentence encoder whose prompt embeddings the predictors read (cascade.encoder.describe),
+    # or None
+    encoder: dict | None = None
+
+    def embed(self, prompts) -> np.ndarray | None:
+        """The prompts' embeddings if this policy reads them (else None)."""
+        if not self.encoder:
+            return None
+        return get_encoder(self.encoder["name"], self.encoder.get("version")).embed(prompts)
 
     def point(self, label: str | None = None) -> OperatingPoint:
         label = label or self.default_label
@@ -110,7 +120,8 @@ def replay(policy: Policy, ladder: Ladder, labels: list[str] | None = None) -> p
     if ladder.n_tiers != n:
         raise ValueError(f"policy has {n} tiers, logs have {ladder.n_tiers}")
     points = [policy.point(label) for label in labels] if labels else policy.points
-    prompt_obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num)
+    prompt_obs = Observations(ladder.prompts, ladder.prompt_text, ladder.prompt_num,
+                              embedding=policy.embed(ladder.prompts))
     tiers = _LazyTiers(ladder, policy.calibration.get("tier_cost"))
     u = row_hash(ladder.row_ids)
     final = np.full((len(points), N), -1)

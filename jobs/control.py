@@ -15,6 +15,15 @@ def status(job_dir: str) -> dict:
     on Redis, else rebuilt from the job directory (an embedded job seen from another process,
     or a job whose Redis state is gone)."""
     job = Job(job_dir)
+    st = _status(job, job_dir)
+    if job.submitted():       # what encoding the prompts cost, for a policy that reads embeddings
+        embedding = job.store.read_json("submitted.json").get("embedding")
+        if embedding:
+            st["embedding"] = embedding
+    return st
+
+
+def _status(job: Job, job_dir: str) -> dict:
     if job.finished():
         st = job.store.read_json("finished.json")["status"]
         return {**st, "dir": job.dir, "live": False}

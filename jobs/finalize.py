@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import failpoints
-from jobs.layout import LINEAGE_NAME, result_tier, tier_column
+from jobs.layout import EMBEDDING, LINEAGE_NAME, result_tier, tier_column
 from jobs.progress import live_status
 from jobs.state import backoff
 
@@ -69,7 +69,7 @@ class _Part:
 
         # The terminal rows (no next tier), by position: exactly one per position.
         first = tables[0].schema.remove_metadata()
-        names = [f.name for f in first if not LINEAGE_NAME.fullmatch(f.name)]
+        names = [f.name for f in first if not LINEAGE_NAME.fullmatch(f.name) and f.name != EMBEDDING]
         stops = np.concatenate([t.column("next_tier").is_null().to_numpy(zero_copy_only=False)
                                 for t in tables])
         pick = np.flatnonzero(stops & inside)

