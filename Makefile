@@ -62,8 +62,8 @@ bench: install
 	$(BIN)/python bench/learning_bench.py
 
 bench-long: install
-	$(BIN)/python bench/ladders_bench.py --online
-	$(BIN)/python bench/ladders_bench.py --models prior,monotone,linear,gbt,mlp
+	$(BIN)/python bench/ladders_bench.py --only ladders --online
+	$(BIN)/python bench/ladders_bench.py --only ladders --models prior,monotone,linear,gbt,mlp
 	$(BIN)/python bench/choices_bench.py
 	$(BIN)/python bench/engine_bench.py --only-vllm --rows 100
 	$(BIN)/python bench/live_ladder.py

@@ -13,9 +13,10 @@ predictors chosen per (state, tier); with --online, the regret slope of online l
 sets the predictor candidates (as `calibrate --models`), e.g. to add the boosted trees.
 
 Embedding table: per ladder, the same gain and cost at 99% calibrated without and with prompt
-embeddings (`calibrate --embeddings`, all-MiniLM-L6-v2), how many (state, tier) heads chose an
-embedding candidate, and what encoding cost per prompt here (cached on disk under
-runs/cache/embeddings after the first run; the figure printed is the first run's, or "cached").
+embeddings (`calibrate --embeddings`, all-MiniLM-L6-v2), and how many (state, tier) heads chose
+an embedding candidate. A ladder's embeddings are cached on disk under runs/cache/embeddings
+after the first run (the encoding time goes to stderr; bench/policy_bench.py prints the
+encoder's cost per prompt on its own).
 
 Small-sample table: the do-no-harm guarantee where it bites. Per ladder (and a 5-tier MMLU-Pro
 ladder built from the two MMLU-Pro files) and calibration size, `--draws` random draws of that many
@@ -80,8 +81,8 @@ def embeddings(paths):
         return "never" if x == float("inf") else f"{x:.3f}"
 
     print("\n| ladder | gain without embeddings [95%] | gain with [95%] | cost at 99%: without | with "
-          "| heads reading the embedding | encoding ms/prompt |")
-    print("|---" * 7 + "|")
+          "| heads reading the embedding |")
+    print("|---" * 6 + "|")
     enc = get_encoder(DEFAULT_ENCODER)
     for path in paths:
         if not path.exists():
@@ -91,8 +92,9 @@ def embeddings(paths):
         ladder = load_ladder(path, require_quality=True)
         before, rows = enc.seconds, enc.rows
         enc.embed(ladder.prompts, cache_dir=ROOT / "runs" / "cache" / "embeddings")
-        cost = (f"{(enc.seconds - before) / (enc.rows - rows) * 1e3:.1f}" if enc.rows > rows
-                else "cached")
+        if enc.rows > rows:
+            print(f"  {path.stem}: encoded {enc.rows - rows} prompts in {enc.seconds - before:.0f} s",
+                  file=sys.stderr)
         out = []
         for cfg in (TrainConfig(), TrainConfig(encoder=DEFAULT_ENCODER)):
             out.append(evaluate(ladder, cfg=cfg, online=False).summary)
@@ -101,7 +103,7 @@ def embeddings(paths):
         print(f"| {name_of(path)} | {a['gain']:.3f} [{a['bootstrap']['gain'][0]:.3f}, {a['bootstrap']['gain'][1]:.3f}] "
               f"| {b['gain']:.3f} [{b['bootstrap']['gain'][0]:.3f}, {b['bootstrap']['gain'][1]:.3f}] "
               f"| {f(a['cost_at_99pct_of_best_quality']['policy'])} | {f(b['cost_at_99pct_of_best_quality']['policy'])} "
-              f"| {reading['heads_reading']} of {reading['heads']} | {cost} |", flush=True)
+              f"| {reading['heads_reading']} of {reading['heads']} |", flush=True)
         print(f"  {path.stem}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

@@ -155,14 +155,16 @@ class Encoder:
             file = Path(cache_dir) / f"{self.info.name}-{whole}.npz"
             if file.exists():
                 saved = np.load(file)
-                found.update(zip(map(bytes, saved["keys"]), saved["vectors"]))
+                found.update(zip((bytes(k) for k in saved["keys"]), saved["vectors"]))
         todo = [k for k in distinct if k not in found]
         if todo:
             found.update(zip(todo, self._encode([distinct[k] for k in todo])))
             if file is not None:
                 file.parent.mkdir(parents=True, exist_ok=True)
                 allk = list(distinct)
-                np.savez(file, keys=np.array(allk, dtype="S20"), vectors=np.stack([found[k] for k in allk]))
+                # keys as raw bytes (n, 20): numpy's fixed-width byte strings drop trailing NULs
+                np.savez(file, keys=np.frombuffer(b"".join(allk), np.uint8).reshape(-1, 20),
+                         vectors=np.stack([found[k] for k in allk]))
         self._remember(found)
         if not keys:
             return np.zeros((0, self.info.dim), np.float32)

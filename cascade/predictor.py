@@ -35,6 +35,7 @@ CANDIDATES = ("prior", "monotone", "linear", "embed", "cluster", "gbt", "mlp")
 # The default set leaves the trees out: on the two small shared ladders they won out of fold
 # yet lost on the test rows (README, "Decision quality"); `calibrate --models` adds them.
 DEFAULT_MODELS = ("prior", "monotone", "linear", "embed", "cluster", "mlp")
+EMBEDDING_HEADS = ("embed", "cluster")
 # Boosted trees: small on purpose (a head is evaluated per row at run time, <= 2 us/row in all)
 GBT_PARAMS = dict(max_iter=25, learning_rate=0.15, max_leaf_nodes=8, max_depth=3,
                   min_samples_leaf=20, l2_regularization=1.0, early_stopping=False)
@@ -392,10 +393,15 @@ def cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
     return StatePredictor(models, platt), apply_platt(oof, platt)
 
 
+def row_log_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy of probabilities p against quality y in [0, 1]."""
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
 def log_loss(p: np.ndarray, y: np.ndarray) -> float:
     """Mean cross-entropy of probabilities p against quality y in [0, 1] (soft labels allowed)."""
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(np.mean(row_log_loss(p, y)))
 
 
 def _logit(p):
@@ -503,6 +509,19 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
         if "mlp" in cfg.models or not losses:
             losses["mlp"] = log_loss(oof_mlp[:, t], y[:, t])
         best = min(losses, key=losses.get)           # dict order: simplest first wins a tie
+        others = {k: v for k, v in losses.items() if k not in EMBEDDING_HEADS}
+        if best in EMBEDDING_HEADS and others:
+            # the prompt embedding is opted into only where it wins clearly: by more than one
+            # standard error of the paired per-row losses against the best candidate without it
+            # (its 384 columns give a small calibration set many ways to win by luck)
+            rival = min(others, key=others.get)
+            def column(name):
+                return {"mlp": oof_mlp[:, t], "gbt": trees[t][0] if t in trees else None,
+                        "cluster": None if emb_fits is None or emb_fits.cluster_oof is None
+                        else emb_fits.cluster_oof[:, t]}.get(name, cands[name][0][:, t] if name in cands else None)
+            d = row_log_loss(column(best), y[:, t]) - row_log_loss(column(rival), y[:, t])
+            if not d.mean() + d.std(ddof=1) / np.sqrt(len(d)) < 0:
+                best = rival
         heads.append(best)
         report.append({"tier": t, "model": best, "log_loss": losses})
         if best == "mlp":

