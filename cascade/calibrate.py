@@ -340,7 +340,7 @@ def simultaneous_threshold(diffs: list[np.ndarray], confidence: float, boot: int
     t*_p = (mean*(d_p) - mean(d_p)) / se(d_p) show how far the largest of P noise-only
     advantages reaches; the `confidence` quantile of max_p t*_p is the threshold. One point alone
     gives the normal quantile (0.67 at 75%); many independent points on few rows push it up (to
-    2.2 for 24 independent points), many near-identical ones barely move it. Never below the
+    2.26 for 24 independent points), many near-identical ones barely move it. Never below the
     single-point quantile."""
     from scipy.stats import norm
 

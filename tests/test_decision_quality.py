@@ -116,6 +116,9 @@ def test_noise_ladder_falls_back_to_fixed_tiers_and_does_no_harm():
     kept = [p for p in points if p["kind"] == "cascade"]
     assert any(p["kind"] == "fixed-tier mix" for p in points)
     assert all(p["confidence_better"] >= s["no_harm"]["confidence"] for p in kept)
+    # the default runs unasked: a fixed tier, a mix, or a point that clears the bound for all
+    default = next(p for p in points if p["label"] == s["default_point"])
+    assert default["kind"] != "cascade" or default["t"] > default["default_threshold"] >= 0.67
     # The bootstrap resamples: a real interval around the estimate, and with no signal to use it
     # excludes any large gain (a ladder with signal is checked below).
     lo, hi = s["bootstrap"]["gain"]
@@ -154,3 +157,19 @@ def test_fixed_tier_mix_points_assign_rows_by_hash():
     d2 = replay(policy, half, [mixes[0].label]).sort("row_id")
     d1 = d.filter(pl.col("point") == mixes[0].label).filter(pl.col("row_id").is_in(d2["row_id"].to_list())).sort("row_id")
     assert d1["final_tier"].to_list() == d2["final_tier"].to_list()
+
+
+def test_simultaneous_threshold_grows_with_independent_points_not_with_copies():
+    """The max-t bound (cascade.calibrate.simultaneous_threshold): one point, the single test's
+    75% normal quantile; 24 independent points, about the 75% quantile of the largest of 24
+    normals (2.26); 24 near-copies of one point, about the single test's."""
+    from cascade.calibrate import simultaneous_threshold
+
+    rng = np.random.default_rng(1)
+    one = simultaneous_threshold([rng.normal(0, 1, 400)], 0.75)
+    independent = simultaneous_threshold([rng.normal(0, 1, 400) for _ in range(24)], 0.75)
+    base = rng.normal(0, 1, 400)
+    copies = simultaneous_threshold([base + rng.normal(0, 0.05, 400) for _ in range(24)], 0.75)
+    assert 0.67 <= one < 0.8
+    assert 2.0 < independent < 2.5
+    assert 0.67 <= copies < 1.0
