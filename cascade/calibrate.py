@@ -19,7 +19,7 @@ from cascade.ladder import Ladder
 from cascade.policy import (DPResult, OperatingPoint, all_states, backward_induction,
                             choose_budget, mix_pick, phi, ridge_projector, row_hash,
                             simulate)
-from cascade.predictor import TrainConfig, auc, ece, fit_embedding, fit_state, fold_of
+from cascade.predictor import EMBEDDING_HEADS, TrainConfig, auc, ece, fit_embedding, fit_state, fold_of
 from cascade.runtime import Policy
 
 # Normalised lambdas swept: 0 (quality only) then log-spaced up to where only the cheapest
@@ -121,7 +121,7 @@ def fit_policy(ladder: Ladder, *, cfg: TrainConfig | None = None, budget: Budget
     log(f"predictors for {len(predictors)} states: {time.perf_counter() - t0:.1f}s")
     embeddings = None
     if encoder is not None:
-        readers = sum(h in ("embed", "cluster") for p in predictors.values() for h in p.heads)
+        readers = sum(h in EMBEDDING_HEADS for p in predictors.values() for h in p.heads)
         embeddings = {"encoder": encoder, "heads_reading": readers,
                       "heads": sum(len(p.heads) for p in predictors.values()),
                       "seconds": embed_seconds, "rows": N}

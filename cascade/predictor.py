@@ -9,8 +9,11 @@ Candidates, each cross-fitted on the same K folds of the calibration rows: the t
 (prior); per logged number (a tier's token log-probability, choice probability...), Platt scaling
 of that number alone, a monotone map; ridge regression on every feature, Platt-scaled; gradient-
 boosted trees on the features that are not hashed text (scikit-learn's histogram boosting, small:
-25 trees of at most 8 leaves; opt-in, see DEFAULT_MODELS), Platt-scaled; and a small torch MLP
-with one output per tier (the rare tiers borrow strength from the others). Per (state, tier)
+25 trees of at most 8 leaves; opt-in, see DEFAULT_MODELS), Platt-scaled; a small torch MLP
+with one output per tier (the rare tiers borrow strength from the others); and, for a policy
+calibrated with prompt embeddings (cascade.encoder), `embed` (the linear score and a ridge
+score on the embedding, combined) and `cluster` (k-means of the embeddings, each cluster's
+quality rate), taken only where they beat the rest by more than a standard error. Per (state, tier)
 the lowest out-of-fold log-loss wins, so small calibration sets pick simple models by
 themselves. The out-of-fold predictions are what the dynamic programme is fitted on (in-sample
 predictions are overconfident and would make stopping look better than it is); at run time the K
@@ -367,7 +370,7 @@ class StatePredictor:
         return out
 
     def reads_embedding(self) -> bool:
-        return any(h in ("embed", "cluster") for h in self.heads)
+        return any(h in EMBEDDING_HEADS for h in self.heads)
 
     def without_embedding(self, width: int) -> "StatePredictor":
         """The same predictor for a matrix without the embedding columns (from `width` on):

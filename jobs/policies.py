@@ -102,7 +102,7 @@ class ArtifactPolicy:
                 raise ValueError("the policy reads prompt embeddings and these rows carry none "
                                  "(a job submitted before the policy changed?)")
             col = rows.column(EMBEDDING).combine_chunks()
-            emb = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            emb = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)   # slice-safe
             rows = rows.drop_columns([EMBEDDING])
         rows = rows.to_pylist()
         n = len(rows)
