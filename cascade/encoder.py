@@ -61,6 +61,7 @@ class EncoderMissing(PolicyArtifactError):
 def describe(name: str) -> dict:
     """What an artifact records of its encoder: name, model, package and the version installed."""
     info = _info(name)
+    locate(name)                    # EncoderMissing, with what to install, if it is not here
     return {"name": info.name, "model": info.model, "package": info.package,
             "version": importlib.metadata.version(info.package), "dim": info.dim,
             "max_tokens": info.max_tokens, "licence": info.licence}

