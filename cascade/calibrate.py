@@ -361,11 +361,11 @@ def simultaneous_threshold(diffs: list[np.ndarray], confidence: float, boot: int
 
 
 def no_harm(res: DPResult, oos: DPResult, hull: FixedHull, u: np.ndarray,
-            confidence: float, threshold: float | None = None) -> tuple[DPResult, DPResult]:
-    """Keep a cascade point only if, out of sample, it beats the fixed-tier mix at its cost: its
-    studentised paired advantage above `threshold` (simultaneous_threshold over every point
-    tested; the single-point normal quantile of `confidence` if not given). Otherwise the point
-    becomes that mix. Returns the (in-sample, held-out) results of what is kept."""
+            confidence: float) -> tuple[DPResult, DPResult]:
+    """Keep a cascade point only if, out of sample, it beats the fixed-tier mix at its cost with
+    at least `confidence`: its studentised paired advantage t above the normal quantile
+    (one-sided). Otherwise the point becomes that mix. Returns the (in-sample, held-out) results
+    of what is kept."""
     from scipy.stats import norm
 
     d, mix = advantage(oos, hull)
@@ -373,7 +373,7 @@ def no_harm(res: DPResult, oos: DPResult, hull: FixedHull, u: np.ndarray,
     adv = float(d.mean())
     t = adv / se if se > 0 else (np.inf if adv > 0 else -np.inf)
     sure = float(norm.cdf(t))
-    crit = float(norm.ppf(confidence)) if threshold is None else float(threshold)
+    crit = float(norm.ppf(confidence))
     check = {"advantage": adv, "se": se, "confidence_better": sure, "t": float(t),
              "threshold": crit, "fallback": not t > crit, "mix": list(mix)}
     res.point.check = check

@@ -93,8 +93,7 @@ def calibrate(logs, out_dir, max_cost, min_quality, confidence, hidden, epochs, 
             f"{k} {v}" for k, v in sorted(chosen.items())))
         mixes = [p.label for p in policy.points if p.mix is not None and p.check is not None]
         click.echo(f"do no harm: {len(mixes)} of {len(policy.points)} points are a fixed-tier mix "
-                   f"(not {no_harm_confidence:.0%} sure, over all points at once, to "
-                   f"beat it on held-out rows)"
+                   f"(not {no_harm_confidence:.0%} sure to beat it on held-out rows)"
                    + (f": {', '.join(mixes)}" if mixes else ""))
         if report.embeddings:
             e = report.embeddings

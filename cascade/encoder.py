@@ -98,13 +98,13 @@ class Encoder:
 
     _cache_limit = 200_000          # per-process prompt cache (about 300 MB at its fullest)
 
-    def __init__(self, name: str = DEFAULT_ENCODER, version: str | None = None, batch: int = 64):
+    def __init__(self, name: str = DEFAULT_ENCODER, batch: int = 64):
         import torch     # heavy: loaded with the encoder only
         from tokenizers import Tokenizer
         from transformers import BertModel
 
         self.info = _info(name)
-        path = locate(name, version)
+        path = locate(name)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.info.max_tokens)
         self.tokenizer.no_padding()

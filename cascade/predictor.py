@@ -97,9 +97,11 @@ def logits_of(models: list[QualityMLP], x: np.ndarray) -> np.ndarray:
     return np.mean([m(xt).numpy() for m in models], axis=0)
 
 
-def fit_logistic(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_logistic(scores: np.ndarray, y: np.ndarray, max_iter: int = 500) -> tuple[np.ndarray, float]:
     """Slopes and shift of sigmoid(scores @ a + b) minimising its cross-entropy against y in
-    [0, 1], unpenalised, soft labels as weights (fit_platt with several scores)."""
+    [0, 1]: an unpenalised (C=inf) scikit-learn logistic regression on the scores, a soft label q
+    entered as a positive of weight q and a negative of weight 1-q. One class only: the first
+    score as it is."""
     from sklearn.linear_model import LogisticRegression
 
     y = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
@@ -108,25 +110,16 @@ def fit_logistic(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
         return np.eye(scores.shape[1])[0], 0.0
     x = np.concatenate([scores, scores])
     label = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
-    lr = LogisticRegression(C=np.inf, tol=1e-10, max_iter=500)
+    lr = LogisticRegression(C=np.inf, tol=1e-10, max_iter=max_iter)
     lr.fit(x, label, sample_weight=np.concatenate([y, 1 - y]))
     return lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
 
 
 def fit_platt(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Scale a, shift b minimising the cross-entropy of sigmoid(a*logit+b) against y in [0, 1]:
-    an unpenalised (C=inf) scikit-learn logistic regression on the logit, a soft label q entered as a
-    positive of weight q and a negative of weight 1-q."""
-    from sklearn.linear_model import LogisticRegression
-
-    y = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
-    if y.min() == y.max():                     # one class only: keep the logits as they are
-        return 1.0, 0.0
-    x = np.concatenate([logit, logit]).astype(np.float64).reshape(-1, 1)
-    label = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
-    lr = LogisticRegression(C=np.inf, tol=1e-10, max_iter=200)
-    lr.fit(x, label, sample_weight=np.concatenate([y, 1 - y]))
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    """Scale a, shift b minimising the cross-entropy of sigmoid(a*logit+b) against y in [0, 1]
+    (fit_logistic with one score; one class only: the logits as they are)."""
+    a, b = fit_logistic(logit, y, max_iter=200)
+    return float(a[0]), b
 
 
 def apply_platt(logit: np.ndarray, ab: np.ndarray) -> np.ndarray:
@@ -503,14 +496,15 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
     weight, bias = np.zeros((x.shape[1], n)), np.zeros(n)
     oof = np.zeros((n_rows, n))
     for t in range(n):
-        losses = {name: log_loss(c[0][:, t], y[:, t]) for name, c in cands.items()
-                  if name.split(":")[0] in cfg.models}
+        # each candidate's out-of-fold probabilities for this tier, simplest first
+        scored = {name: c[0][:, t] for name, c in cands.items() if name.split(":")[0] in cfg.models}
         if t in trees:
-            losses["gbt"] = log_loss(trees[t][0], y[:, t])
+            scored["gbt"] = trees[t][0]
         if emb_fits is not None and emb_fits.cluster is not None and "cluster" in cfg.models:
-            losses["cluster"] = log_loss(emb_fits.cluster_oof[:, t], y[:, t])
-        if "mlp" in cfg.models or not losses:
-            losses["mlp"] = log_loss(oof_mlp[:, t], y[:, t])
+            scored["cluster"] = emb_fits.cluster_oof[:, t]
+        if "mlp" in cfg.models or not scored:
+            scored["mlp"] = oof_mlp[:, t]
+        losses = {name: log_loss(p, y[:, t]) for name, p in scored.items()}
         best = min(losses, key=losses.get)           # dict order: simplest first wins a tie
         others = {k: v for k, v in losses.items() if k not in EMBEDDING_HEADS}
         if best in EMBEDDING_HEADS and others:
@@ -518,23 +512,14 @@ def fit_state(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: TrainConfig,
             # standard error of the paired per-row losses against the best candidate without it
             # (its 384 columns give a small calibration set many ways to win by luck)
             rival = min(others, key=others.get)
-            def column(name):
-                return {"mlp": oof_mlp[:, t], "gbt": trees[t][0] if t in trees else None,
-                        "cluster": None if emb_fits is None or emb_fits.cluster_oof is None
-                        else emb_fits.cluster_oof[:, t]}.get(name, cands[name][0][:, t] if name in cands else None)
-            d = row_log_loss(column(best), y[:, t]) - row_log_loss(column(rival), y[:, t])
+            d = row_log_loss(scored[best], y[:, t]) - row_log_loss(scored[rival], y[:, t])
             if not d.mean() + d.std(ddof=1) / np.sqrt(len(d)) < 0:
                 best = rival
         heads.append(best)
         report.append({"tier": t, "model": best, "log_loss": losses})
-        if best == "mlp":
-            oof[:, t] = oof_mlp[:, t]
-        elif best == "gbt":
-            oof[:, t] = trees[t][0]
-        elif best == "cluster":
-            oof[:, t] = emb_fits.cluster_oof[:, t]
-        else:
-            oof[:, t], weight[:, t], bias[t] = cands[best][0][:, t], cands[best][1][:, t], cands[best][2][t]
+        oof[:, t] = scored[best]
+        if best in cands:                            # a linear head: its weights
+            weight[:, t], bias[t] = cands[best][1][:, t], cands[best][2][t]
     chosen = {t: trees[t][1] for t, h in enumerate(heads) if h == "gbt"}
     pred = StatePredictor(mlp.models, mlp.platt, heads, weight, bias, chosen or None,
                           emb_fits.cluster if "cluster" in heads else None,
